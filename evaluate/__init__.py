@@ -1,0 +1,1 @@
+"""mAP and the other metrics, label recovery, tables against the paper, plots."""

@@ -1,0 +1,1 @@
+"""Backbone registry, the extraction loop and the feature-file format."""

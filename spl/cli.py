@@ -1,0 +1,45 @@
+"""The ``spl`` command: one click group; each stage adds its commands here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from spl.clitools import SplGroup
+
+
+@click.group(cls=SplGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spl")
+def main() -> None:
+    """Multi-label classifiers from single positive labels (Cole et al., CVPR 2021).
+
+    Pipeline: `spl data prepare` -> `spl extract` -> `spl fit-linear` -> `spl finetune`,
+    and `spl reproduce` for the paper's tables. `spl demo` runs it all on bundled data.
+    """
+
+
+def _register() -> None:
+    from spl import commands_data
+
+    main.add_command(commands_data.data)
+    for module_name in ("commands_fit", "commands_extract", "commands_finetune", "commands_run"):
+        try:
+            module = __import__(f"spl.{module_name}", fromlist=["COMMANDS"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"spl.{module_name}":
+                raise
+            continue
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()
+
+
+def run() -> None:  # pragma: no cover - console entry point helper
+    main(prog_name="spl")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

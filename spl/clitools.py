@@ -1,0 +1,53 @@
+"""Helpers shared by the command modules: error handling and ``--config`` files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from spl.data.common import SplError
+
+
+class SplGroup(click.Group):
+    """Turns :class:`SplError` (bad input) into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SplError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
+    """Eager ``--config FILE.toml``: its keys become the command's defaults; flags still win."""
+    if not value:
+        return value
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}", param=param) from exc
+    names = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    normalised = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalised) - names)
+    if unknown:
+        raise click.BadParameter(
+            f"{value}: unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}",
+            param=param,
+        )
+    ctx.default_map = {**(ctx.default_map or {}), **normalised}
+    return value
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="TOML file whose keys set this command's options (command-line flags win).",
+)
