@@ -1,0 +1,733 @@
+"""The extraction loop: backbone features of a prepared dataset, chunked, resumable, sharded.
+
+Rows are cut into chunks of ``chunk_size`` rows per source file, and each chunk into
+batches the same way whatever the number of processes, so a single process and a torchrun
+job compute the same batches and write the same file. A finished chunk is one ``.npz`` in
+``features/.<tag>.partial/`` (temporary name, then rename: a killed run leaves only whole
+chunks), beside a manifest of the settings; a rerun with the same settings computes only
+the missing chunks. When every chunk exists, rank 0 writes ``features/<tag>.h5`` through
+:func:`spl.extract.features.write_features` (atomic) and removes the partial folder.
+
+Images travel from the DataLoader workers as uint8 (decoded and resized there with PIL, or
+as JPEG bytes for decoding on the GPU with nvJPEG); scaling and normalisation happen on the
+compute device. This gives the paper's evaluation transform exactly
+(:func:`spl.data.images.build_transform`) at a quarter of the bytes per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from spl.data.common import SplError, safe_relative, write_json_atomic
+from spl.data.images import load_rgb
+from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
+from spl.extract.backbones import DEFAULT_BACKBONE, BackboneSpec, backbone_tag, get_backbone
+
+DECODE_ROUTES = ("pil", "device")
+DTYPES = ("float32", "float16")
+DEFAULT_CHUNK_SIZE = 1024
+PARTIAL_FORMAT = "spl.features.partial"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# --- reading images ----------------------------------------------------------------------
+
+
+class ImageFiles(Dataset):
+    """Image files by index, as uint8 for the device: never raises, reports errors instead.
+
+    Item: ``(payload, index, error)``. Route ``pil``: payload ``[s, s, 3]`` uint8, decoded
+    and resized with PIL exactly as ``transforms.Resize((s, s))`` does. Route ``device``:
+    a JPEG's encoded bytes (1-D uint8) for :class:`DeviceBatch` to decode; other formats
+    are decoded here as with ``pil``. An unreadable file gives a zero image and its error.
+    """
+
+    def __init__(self, paths: Sequence[Path], image_size: int, route: str = "pil") -> None:
+        if route not in DECODE_ROUTES:
+            raise ValueError(f"decode route {route!r} not in {DECODE_ROUTES}")
+        self.paths = list(paths)
+        self.image_size = int(image_size)
+        self.route = route
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def resized(self, index: int) -> torch.Tensor:
+        """Decode and resize with PIL: ``[s, s, 3]`` uint8. Raises SplError naming the file."""
+        from PIL import Image
+
+        image = load_rgb(self.paths[index])
+        size = (self.image_size, self.image_size)
+        if image.size != size:
+            image = image.resize(size, Image.BILINEAR)
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            if self.route == "device":
+                data = _read_bytes(self.paths[index])
+                if data[:3] == _JPEG_MAGIC:
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), index, ""
+            return self.resized(index), index, ""
+        except SplError as exc:
+            blank = torch.zeros((self.image_size, self.image_size, 3), dtype=torch.uint8)
+            return blank, index, str(exc)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise SplError(f"image not found: {path}") from exc
+    except OSError as exc:
+        raise SplError(f"cannot read image {path}: {exc}") from exc
+
+
+@dataclass
+class Batch:
+    """A collated batch: images stacked ``[B, s, s, 3]`` (or a list when some are JPEG bytes)."""
+
+    images: torch.Tensor | list[torch.Tensor]
+    index: torch.Tensor
+    errors: list[str]
+
+    def pin_memory(self) -> Batch:
+        if isinstance(self.images, torch.Tensor):
+            images = self.images.pin_memory()
+        else:
+            images = [image.pin_memory() for image in self.images]
+        return Batch(images, self.index, self.errors)
+
+
+def collate(items: list[tuple[torch.Tensor, int, str]]) -> Batch:
+    payloads = [payload for payload, _, _ in items]
+    index = torch.tensor([i for _, i, _ in items], dtype=torch.int64)
+    errors = [error for _, _, error in items]
+    if all(p.dim() == 3 for p in payloads):
+        return Batch(torch.stack(payloads), index, errors)
+    return Batch(payloads, index, errors)
+
+
+# --- the model step ----------------------------------------------------------------------
+
+
+class FeatureStep:
+    """Backbone plus on-device preprocessing: a :class:`Batch` in, ``[B, D]`` features out.
+
+    On CUDA: channels-last, bf16 autocast (``amp``), non-blocking copies, JPEGs decoded by
+    nvJPEG (route ``device``). On the CPU: float32, the paper's transform bit for bit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: BackboneSpec,
+        image_size: int,
+        device: torch.device,
+        *,
+        amp: bool = True,
+        files: ImageFiles | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.image_size = int(image_size)
+        self.files = files
+        self.channels_last = self.cuda
+        self.amp_dtype = None
+        if amp and self.cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        memory = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model = model.eval().to(self.device, memory_format=memory)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)[:, None, None]
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)[:, None, None]
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def compute(self) -> str:
+        """How features were computed (they differ slightly between these)."""
+        if not self.cuda:
+            return f"{self.device.type} float32"
+        precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+        return f"cuda {precision.get(self.amp_dtype, 'float32')}, channels_last"
+
+    def images(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
+        """uint8 batch -> normalised ``[B, 3, s, s]`` float on the device (and decode errors)."""
+        errors = list(batch.errors)
+        if isinstance(batch.images, torch.Tensor):
+            pixels = batch.images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        else:
+            pixels = self._decode(batch.images, batch.index.tolist(), errors)
+        # ToTensor then Normalize, in the same float32 operations as build_transform.
+        x = pixels.float().div_(255).sub_(self.mean).div_(self.std)
+        memory = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=memory), errors
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
+        x, errors = self.images(batch)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            features = self.model(x)
+        return features.float(), errors
+
+    def _decode(self, payloads: list[torch.Tensor], index: list[int], errors: list[str]):
+        """Decode JPEG bytes on the device (nvJPEG on CUDA) and resize there, antialiased."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as tvf
+
+        size = [self.image_size, self.image_size]
+        out: list[torch.Tensor | None] = [None] * len(payloads)
+        jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
+        for k, p in enumerate(payloads):
+            if p.dim() == 3:
+                out[k] = p.to(self.device, non_blocking=True).permute(2, 0, 1)
+        decoded: list[torch.Tensor | None]
+        try:
+            decoded = list(
+                decode_jpeg(
+                    [payloads[k] for k in jpegs], mode=ImageReadMode.RGB, device=self.device
+                )
+            )
+        except RuntimeError:  # one bad file fails the whole batch: retry one by one
+            decoded = []
+            for k in jpegs:
+                try:
+                    decoded.append(
+                        decode_jpeg(payloads[k], mode=ImageReadMode.RGB, device=self.device)
+                    )
+                except RuntimeError:
+                    decoded.append(None)
+        for k, image in zip(jpegs, decoded, strict=True):
+            if image is None:  # e.g. CMYK or corrupt: PIL decides (and names the file)
+                try:
+                    image = self.files.resized(index[k]).to(self.device).permute(2, 0, 1)
+                except SplError as exc:
+                    errors[k] = str(exc)
+                    image = torch.zeros((3, *size), dtype=torch.uint8, device=self.device)
+            elif list(image.shape[-2:]) != size:
+                image = tvf.resize(image, size, antialias=True)
+            out[k] = image
+        return torch.stack(out)
+
+
+def chunk_batches(start: int, stop: int, batch_size: int) -> list[list[int]]:
+    return [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+
+
+@dataclass
+class Timing:
+    images: int = 0
+    data_s: float = 0.0
+    model_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self) -> str:
+        wall = max(self.wall_s, 1e-9)
+        return (
+            f"{self.images} images in {wall:.1f} s: {self.images / wall:.1f} images/s "
+            f"(waiting for data {self.data_s:.1f} s, model {self.model_s:.1f} s)"
+        )
+
+
+def make_loader(
+    files: ImageFiles, batches: list[list[int]], workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        files,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def run_chunks(
+    step: FeatureStep,
+    files: ImageFiles,
+    chunks: list[tuple[object, list[list[int]]]],
+    *,
+    workers: int,
+    on_chunk: Callable[[object, np.ndarray, list[int], list[str]], None],
+    timing: Timing | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Timing:
+    """Run the model over ``chunks`` (key, batches of indices) and hand each finished chunk
+    to ``on_chunk(key, features float32 [n, D], bad positions, their errors)``.
+    """
+    timing = timing or Timing()
+    plan = [(key, len(batches), b) for key, batches in chunks for b in batches]
+    if not plan:
+        return timing
+    loader = make_loader(files, [b for _, _, b in plan], workers, pin_memory=step.cuda)
+    outputs: list[torch.Tensor] = []
+    bad: list[int] = []
+    errors: list[str] = []
+    done_in_chunk, offset = 0, 0
+    batches = iter(loader)
+    tick = time.perf_counter()
+    for key, n_batches, indices in plan:
+        batch = next(batches)
+        now = time.perf_counter()
+        timing.data_s += now - tick
+        features, batch_errors = step(batch)
+        outputs.append(features)
+        for position, error in enumerate(batch_errors):
+            if error:
+                bad.append(offset + position)
+                errors.append(error)
+        offset += len(indices)
+        done_in_chunk += 1
+        if done_in_chunk == n_batches:
+            array = torch.cat(outputs).cpu().numpy()  # waits for the device
+            timing.model_s += time.perf_counter() - now
+            on_chunk(key, array, bad, errors)
+            outputs, bad, errors, done_in_chunk, offset = [], [], [], 0, 0
+        else:
+            timing.model_s += time.perf_counter() - now
+        timing.images += len(indices)
+        if progress is not None:
+            progress(len(indices))
+        tick = time.perf_counter()
+    return timing
+
+
+# --- processes (torchrun) ----------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, device: str) -> Processes:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        chosen = resolve_device(device, local_rank if world > 1 else None)
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        procs = cls(rank=rank, world=world, local_rank=local_rank, device=chosen)
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+                procs.owns_group = True
+        return procs
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every process says ok (a barrier too)."""
+        if self.world == 1:
+            return ok
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        flag = torch.tensor([int(ok)], device=self.device if backend == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def together(self, work: Callable[[], object], *, everyone: bool = True):
+        """Run ``work`` (on every rank, or rank 0 only); if it fails anywhere, fail everywhere."""
+        error: BaseException | None = None
+        value = None
+        try:
+            if everyone or self.rank == 0:
+                value = work()
+        except Exception as exc:  # re-raised below, after the other ranks hear of it
+            error = exc
+        if not self.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise SplError("another process of this torchrun job failed: see its message")
+        return value
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise SplError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SplError(f"--device {device}: no CUDA device here; use --device cpu")
+        if local_rank is not None:
+            chosen = torch.device("cuda", local_rank)
+        elif chosen.index is None:
+            chosen = torch.device("cuda", torch.cuda.current_device())
+    return chosen
+
+
+def default_workers(local_world: int = 1) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus // max(local_world, 1) - 1))
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    tag: str
+    status: str  # "written" or "exists"
+    images: int = 0
+    computed_chunks: int = 0
+    resumed_chunks: int = 0
+    bad: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    timing: Timing | None = None
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    source: str
+    number: int
+    start: int
+    stop: int
+    offset: int  # index of row `start` in the flat list of all images
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}-{self.number:06d}"
+
+
+def plan_chunks(counts: dict[str, int], chunk_size: int) -> list[_Chunk]:
+    chunks, offset = [], 0
+    for source in SOURCES:
+        for number, start in enumerate(range(0, counts[source], chunk_size)):
+            stop = min(start + chunk_size, counts[source])
+            chunks.append(_Chunk(source, number, start, stop, offset + start))
+        offset += counts[source]
+    return chunks
+
+
+def extract_features(
+    dataset_dir: Path | str,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    weights_path: Path | str | None = None,
+    expected_sha256: str | None = None,
+    image_size: int = 448,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    decode: str = "auto",
+    amp: bool = True,
+    chunk_size: int | None = None,
+    skip_bad: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    chunk_pause: float = 0.0,
+) -> ExtractResult:
+    """Write ``ROOT/NAME/features/<tag>.h5`` for the prepared dataset ``dataset_dir``.
+
+    Resumes an interrupted run with the same settings; does nothing when the file exists
+    (``force`` redoes it). Under torchrun every rank extracts its share of the chunks and
+    rank 0 writes the file. ``chunk_pause`` sleeps after each chunk (for tests that kill a
+    run midway). Returns what happened; ``log`` receives the messages (rank 0 only).
+    """
+    from spl.extract.features import feature_path, read_feature_attrs
+
+    if dtype not in DTYPES:
+        raise SplError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if image_size < 8:
+        raise SplError(f"--image-size {image_size} is too small")
+    procs = Processes.start(device)
+    say = log if procs.rank == 0 else (lambda _: None)
+    try:
+        prepared = load_prepared(dataset_dir)
+        model, spec = get_backbone(backbone, weights, weights_path, expected_sha256=expected_sha256)
+        tag = backbone_tag(spec.name, spec.weights, image_size)
+        final = feature_path(prepared.path.parent, tag)
+        if final.exists() and not force:
+            attrs = read_feature_attrs(final)
+            if attrs.get("dataset_fingerprint") != prepared.fingerprint:
+                raise SplError(
+                    f"{final} exists but was made from another prepared dataset "
+                    f"(fingerprint {attrs.get('dataset_fingerprint')}, {prepared.path} has "
+                    f"{prepared.fingerprint}); pass --force to extract again"
+                )
+            say(f"{final} is complete; nothing to do (--force extracts again)")
+            return ExtractResult(final, tag, "exists", attrs=attrs)
+        route = decode if decode != "auto" else ("device" if procs.device.type == "cuda" else "pil")
+        if route not in DECODE_ROUTES:
+            raise SplError(f"--decode {decode}: use auto, {' or '.join(DECODE_ROUTES)}")
+        paths, names = _image_list(prepared)
+        files = ImageFiles(paths, image_size, route)
+        step = FeatureStep(model, spec, image_size, procs.device, amp=amp, files=files)
+        attrs = _attrs(prepared, spec, tag, image_size, route, dtype, step.compute)
+        partial = final.parent / f".{tag}.partial"
+        settings = {k: attrs[k] for k in _RESUME_KEYS}
+        procs.together(
+            lambda: _open_partial(partial, settings, chunk_size, force, say), everyone=False
+        )
+        manifest = json.loads((partial / "manifest.json").read_text())
+        counts = {src: len(prepared.images[src]) for src in SOURCES}
+        chunks = plan_chunks(counts, int(manifest["chunk_size"]))
+        done = {p.name.removesuffix(".npz") for p in partial.glob("*.npz")}
+        pending = [c for c in chunks if c.name not in done]
+        mine = pending[procs.rank :: procs.world]
+        if done:
+            say(f"resuming {final.name}: {len(chunks) - len(pending)} of {len(chunks)} chunks done")
+        batch_size = batch_size or (128 if step.cuda else 32)
+        if workers is None:
+            workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        bar = _progress_bar(progress and procs.rank == 0, sum(c.stop - c.start for c in mine), tag)
+
+        def save(chunk: _Chunk, array: np.ndarray, bad: list[int], errors: list[str]) -> None:
+            if errors and not skip_bad:
+                raise SplError(
+                    f"{names[chunk.offset + bad[0]]}: {errors[0]}. Fix or restore the image and "
+                    "rerun (finished chunks are kept), or pass --skip-bad to record unreadable "
+                    "images as bad rows and go on"
+                )
+            stored = array.astype(dtype)
+            stored[bad] = np.nan
+            _check_finite(array, stored, bad, [names[chunk.offset + r] for r in range(len(array))])
+            _save_chunk(partial / f"{chunk.name}.npz", stored, np.asarray(bad, np.int64), errors)
+            if chunk_pause:
+                time.sleep(chunk_pause)
+
+        def work() -> Timing:
+            plan = [
+                (c, chunk_batches(c.offset, c.offset + c.stop - c.start, batch_size)) for c in mine
+            ]
+            try:
+                return run_chunks(
+                    step,
+                    files,
+                    plan,
+                    workers=workers,
+                    on_chunk=save,
+                    progress=bar.update if bar else None,
+                )
+            finally:
+                if bar:
+                    bar.close()
+
+        timing = procs.together(work)
+        say(f"extracted {timing.summary()}" + (" on rank 0" if procs.world > 1 else ""))
+        bad = procs.together(
+            lambda: _assemble(final, partial, chunks, counts, attrs, names, force), everyone=False
+        )
+        say(f"wrote {final}")
+        return ExtractResult(
+            final,
+            tag,
+            "written",
+            images=sum(counts.values()),
+            computed_chunks=len(pending),
+            resumed_chunks=len(chunks) - len(pending),
+            bad=bad or {},
+            timing=timing,
+            attrs=attrs,
+        )
+    finally:
+        procs.close()
+
+
+# Settings a resumed run must share with the chunks already written.
+_RESUME_KEYS = (
+    "backbone",
+    "weights",
+    "weights_sha256",
+    "image_size",
+    "transform",
+    "dtype",
+    "compute",
+    "dataset_fingerprint",
+)
+
+
+def _attrs(
+    prepared: PreparedDataset,
+    spec: BackboneSpec,
+    tag: str,
+    image_size: int,
+    route: str,
+    dtype: str,
+    compute: str,
+) -> dict:
+    transform = {
+        "resize": [image_size, image_size],
+        "interpolation": "bilinear",
+        "crop": None,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "decode": {"pil": "PIL", "device": "torchvision.io.decode_jpeg on the device"}[route],
+    }
+    return {
+        "tag": tag,
+        "backbone": spec.name,
+        "weights": spec.weights,
+        "weights_sha256": spec.sha256 or "",
+        "weights_source": spec.source,
+        "image_size": int(image_size),
+        "transform": transform,
+        "dtype": dtype,
+        "compute": compute,
+        "dataset_name": prepared.name,
+        "dataset_fingerprint": prepared.fingerprint,
+    }
+
+
+def _image_list(prepared: PreparedDataset) -> tuple[list[Path], list[str]]:
+    """Absolute image paths of both source files in row order, and how to name each row."""
+    from spl.extract.features import _split_row
+
+    paths, names = [], []
+    for source in SOURCES:
+        for row, image in enumerate(prepared.images[source]):
+            where = f"{prepared.path} ({source}), row {row}"
+            paths.append(prepared.image_root / safe_relative(str(image), where))
+            names.append(_split_row(prepared, source, row))
+    return paths, names
+
+
+def _open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool, say) -> None:
+    """Create or check the partial folder's manifest (rank 0, before the others look)."""
+    manifest_path = partial / "manifest.json"
+    if force and partial.exists():
+        shutil.rmtree(partial)
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        differ = [k for k in settings if manifest["settings"].get(k) != settings[k]]
+        if chunk_size is not None and chunk_size != manifest["chunk_size"]:
+            differ.append("chunk_size")
+        if differ:
+            was = {k: manifest["settings"].get(k, manifest.get(k)) for k in differ}
+            raise SplError(
+                f"{partial} holds an unfinished extraction with other settings ({was}); "
+                "rerun with those settings to resume it, or pass --force to start over"
+            )
+        for stale in partial.glob(".*.tmp-*"):  # chunks a killed run was writing
+            stale.unlink()
+        return
+    partial.mkdir(parents=True, exist_ok=True)
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    if chunk_size < 1:
+        raise SplError(f"--chunk-size {chunk_size} must be positive")
+    manifest = {"format": PARTIAL_FORMAT, "chunk_size": chunk_size, "settings": settings}
+    write_json_atomic(manifest_path, manifest)
+
+
+def _save_chunk(path: Path, features: np.ndarray, bad: np.ndarray, errors: list[str]) -> None:
+    """Write one finished chunk under a temporary name, then rename: whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, features=features, bad=bad, errors=np.array(errors, dtype=str))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _check_finite(computed: np.ndarray, stored: np.ndarray, bad: list[int], names: list[str]):
+    """Refuse NaN or infinite features (rows recorded as bad are NaN on purpose)."""
+    finite = np.isfinite(stored).all(axis=1)
+    finite[bad] = True
+    if finite.all():
+        return
+    rows = np.nonzero(~finite)[0]
+    listed = ", ".join(names[r] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    if np.isfinite(computed[rows]).all():
+        hint = f"their values overflow {stored.dtype}; use --dtype float32"
+    else:
+        hint = "the weights or these images are broken"
+    raise SplError(
+        f"the backbone gave NaN or infinite features for {len(rows)} images ({listed}): {hint}"
+    )
+
+
+def _assemble(
+    final: Path,
+    partial: Path,
+    chunks: list[_Chunk],
+    counts: dict[str, int],
+    attrs: dict,
+    names: list[str],
+    force: bool,
+) -> dict[str, list[tuple[int, str]]]:
+    """Put the chunks in row order, write the feature file atomically, drop the partial folder."""
+    from spl.extract.features import write_features
+
+    missing = [c.name for c in chunks if not (partial / f"{c.name}.npz").is_file()]
+    if missing:
+        raise SplError(f"{partial} lacks chunks {missing[:5]}; rerun to compute them")
+    features: dict[str, np.ndarray] = {}
+    bad_rows: dict[str, list[int]] = {src: [] for src in SOURCES}
+    bad: dict[str, list[tuple[int, str]]] = {}
+    for chunk in chunks:
+        path = partial / f"{chunk.name}.npz"
+        try:
+            with np.load(path) as npz:
+                block, rows, errors = npz["features"], npz["bad"], npz["errors"]
+        except (OSError, ValueError, KeyError) as exc:
+            path.unlink()
+            raise SplError(f"{path} is damaged ({exc}); removed it: rerun to redo it") from exc
+        if chunk.source not in features:
+            features[chunk.source] = np.empty((counts[chunk.source], block.shape[1]), block.dtype)
+        features[chunk.source][chunk.start : chunk.stop] = block
+        for row, error in zip(rows.tolist(), errors.tolist(), strict=True):
+            bad_rows[chunk.source].append(chunk.start + row)
+            bad.setdefault(chunk.source, []).append(
+                (chunk.start + row, f"{names[chunk.offset + row]}: {error}")
+            )
+    write_features(
+        final,
+        features,
+        {**attrs, "bad_images": sum(len(v) for v in bad_rows.values())},
+        bad_rows={src: np.asarray(rows, np.int64) for src, rows in bad_rows.items()},
+        force=force,
+    )
+    shutil.rmtree(partial)
+    return bad
+
+
+def _progress_bar(enabled: bool, total: int, tag: str):
+    if not enabled or total == 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+    return tqdm(total=total, unit="img", desc=tag, mininterval=1.0, dynamic_ncols=True)
