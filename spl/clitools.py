@@ -51,3 +51,32 @@ config_option = click.option(
     callback=_load_config,
     help="TOML file whose keys set this command's options (command-line flags win).",
 )
+
+
+def explicit_options(ctx: click.Context) -> set[str]:
+    """Names of the options the user typed on the command line (not defaults or config)."""
+    from click.core import ParameterSource
+
+    return {
+        name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
+
+
+def float_list(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as exc:
+        raise SplError(f"{option} takes comma-separated numbers, got {text!r}") from exc
+    if not values:
+        raise SplError(f"{option} needs at least one value")
+    return values
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as exc:
+        raise SplError(f"{option} takes comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise SplError(f"{option} needs at least one value")
+    return values

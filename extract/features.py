@@ -1,0 +1,191 @@
+"""The feature file ``ROOT/<name>/features/<tag>.h5`` (design.md, contract 2).
+
+One ``[N, D]`` array per source file of the prepared dataset, in its row order, so every
+split and observed-label variant reuses it::
+
+    attrs: format, format_version, tag, backbone, weights, weights_sha256, image_size,
+           transform, dtype, feature_dim, dataset_name, dataset_fingerprint, versions, created
+    trainval [N1, D]    features of the official training file
+    test     [N2, D]
+    bad/trainval, bad/test   int64 rows whose image could not be read (``--skip-bad``);
+                             their feature rows are NaN and every later stage leaves them out
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spl.data.common import SplError, atomic_path
+from spl.data.prepared import SOURCES, PreparedDataset
+
+FORMAT = "spl.features"
+FORMAT_VERSION = 1
+_TAG_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def check_tag(tag: str) -> str:
+    if not _TAG_OK.match(tag):
+        raise SplError(f"feature tag {tag!r} may hold only letters, digits, '.', '_', '+' and '-'")
+    return tag
+
+
+def feature_path(dataset_dir: Path | str, tag: str) -> Path:
+    return Path(dataset_dir) / "features" / f"{check_tag(tag)}.h5"
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+    import torch
+    import torchvision
+
+    from spl import __version__
+
+    return {
+        "spl": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "sklearn": sklearn.__version__,
+    }
+
+
+@dataclass
+class FeatureSet:
+    """Features of one prepared dataset, held in memory (float32 or float16 as stored)."""
+
+    path: Path
+    tag: str
+    features: dict[str, np.ndarray]
+    bad_rows: dict[str, np.ndarray]
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features["trainval"].shape[1])
+
+
+def write_features(
+    path: Path,
+    features: dict[str, np.ndarray],
+    attrs: dict,
+    *,
+    bad_rows: dict[str, np.ndarray] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a complete feature file atomically (temporary name, then rename)."""
+    required = {"tag", "backbone", "dataset_fingerprint", "dataset_name"}
+    missing = required - set(attrs)
+    if missing:
+        raise ValueError(f"feature attrs lack {sorted(missing)}")
+    dims = {features[src].shape[1] for src in SOURCES}
+    if len(dims) != 1:
+        raise SplError(f"{path}: trainval and test features differ in dimension ({dims})")
+    with atomic_path(path, force=force, what="feature file") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            for src in SOURCES:
+                h5.create_dataset(src, data=features[src], chunks=True)
+                rows = np.asarray((bad_rows or {}).get(src, []), dtype=np.int64)
+                h5.create_dataset(f"bad/{src}", data=rows)
+            h5.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "feature_dim": int(dims.pop()),
+                    "dtype": str(features["trainval"].dtype),
+                    "versions": json.dumps(library_versions()),
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    **{k: _attr(v) for k, v in attrs.items()},
+                }
+            )
+    return path
+
+
+def _attr(value):
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value)
+    if value is None:
+        return ""
+    return value
+
+
+def read_feature_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as h5:
+        return {k: _plain(v) for k, v in h5.attrs.items()}
+
+
+def _plain(value):
+    """HDF5 attributes as plain Python values (JSON-serialisable)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = True) -> FeatureSet:
+    """Read a feature file and check it belongs to ``prepared`` (fingerprint, row counts)."""
+    dataset_dir = prepared.path.parent
+    path = feature_path(dataset_dir, tag)
+    rebuild = f"spl extract {dataset_dir} --backbone ... (or spl import-features)"
+    if not path.is_file():
+        available = sorted(p.stem for p in (dataset_dir / "features").glob("*.h5"))
+        raise SplError(
+            f"{path} not found; feature tags of {prepared.name}: "
+            f"{', '.join(available) or 'none'}. Make it with `{rebuild}`"
+        )
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        raise SplError(
+            f"{path} is not a readable HDF5 file ({exc}); rebuild it: {rebuild}"
+        ) from exc
+    with h5:
+        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise SplError(f"{path} is not an spl feature file")
+        if attrs.get("dataset_fingerprint") != prepared.fingerprint:
+            raise SplError(
+                f"{path} was made from another prepared dataset (fingerprint "
+                f"{attrs.get('dataset_fingerprint')} of {attrs.get('dataset_name')!r}; "
+                f"{prepared.path} has {prepared.fingerprint}). Rebuild it: `{rebuild} --force`"
+            )
+        features = {src: h5[src][()] for src in SOURCES}
+        bad = {src: h5[f"bad/{src}"][()] if f"bad/{src}" in h5 else np.zeros(0, np.int64)
+               for src in SOURCES}  # fmt: skip
+    for src in SOURCES:
+        expected = len(prepared.images[src])
+        if features[src].shape[0] != expected:
+            raise SplError(
+                f"{path}: {src} holds {features[src].shape[0]} rows, {prepared.path} has "
+                f"{expected}; rebuild it: `{rebuild} --force`"
+            )
+        if check_finite:
+            finite = np.isfinite(features[src]).all(axis=1)
+            finite[bad[src]] = True  # rows recorded as bad are NaN on purpose
+            if not finite.all():
+                rows = np.nonzero(~finite)[0]
+                named = ", ".join(_split_row(prepared, src, r) for r in rows[:5])
+                raise SplError(
+                    f"{path}: NaN or infinite features in {len(rows)} {src} rows ({named}); "
+                    f"re-extract them: `{rebuild} --force`"
+                )
+    return FeatureSet(path=path, tag=tag, features=features, bad_rows=bad, attrs=attrs)
+
+
+def _split_row(prepared: PreparedDataset, source: str, row: int) -> str:
+    """Name a source-file row by its split too: 'val split row 3 (trainval row 17)'."""
+    if source == "test":
+        return f"test split row {row}"
+    for split in ("train", "val"):
+        position = np.searchsorted(prepared.split[split], row)
+        if position < len(prepared.split[split]) and prepared.split[split][position] == row:
+            return f"{split} split row {position} (trainval row {row})"
+    return f"trainval row {row}"

@@ -1,0 +1,164 @@
+"""The stacked engine against each head trained alone with torch.optim.Adam in a plain loop."""
+
+import numpy as np
+import pytest
+import torch
+
+from spl.data.sampling import observe_uniform
+from spl.evaluate.metrics import mean_average_precision
+from spl.fit.engine import (
+    StackedHeads,
+    epoch_batches,
+    estimator_generator,
+    initial_head,
+    pseudo_negative_mask,
+)
+from spl.fit.losses import LOSSES, LossBatch, LossOptions, batch_loss, estimator_init
+
+
+def synthetic(n=120, d=16, num_classes=5, seed=0):
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(num_classes, d)
+    labels = (rng.rand(n, num_classes) < 0.35).astype(np.uint8)
+    labels[np.arange(n), rng.randint(0, num_classes, n)] = 1
+    X = labels @ centers + 0.5 * rng.randn(n, d)
+    return X.astype(np.float32), labels
+
+
+def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu, options):
+    """One head alone: nn.Linear, torch.optim.Adam (default settings), the same batches."""
+    X = torch.tensor(X, dtype=torch.float64)
+    num_classes = observed.shape[1]
+    head = torch.nn.Linear(X.shape[1], num_classes).double()
+    weight, bias = initial_head(X.shape[1], num_classes, seed)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    groups = [{"params": head.parameters(), "lr": lr}]
+    theta = None
+    if key == "role":
+        theta = estimator_init(torch.tensor(observed), estimator_generator(seed)).double()
+        theta.requires_grad_(True)
+        groups.append({"params": [theta], "lr": lr * options.estimator_lr_multiplier})
+    optimizer = torch.optim.Adam(groups)
+    obs = torch.tensor(observed_iu if key == "iu" else observed, dtype=torch.float64)
+    full = torch.tensor(labels, dtype=torch.float64)
+    for epoch in range(epochs):
+        eta = pseudo_negative_mask(
+            tuple(obs.shape), options.pseudo_negative_fraction, seed, epoch + 1
+        )
+        for rows in epoch_batches(len(X), bs, seed, epoch):
+            batch = LossBatch(
+                full[rows],
+                obs[rows],
+                estimates=None if theta is None else theta[rows],
+                pseudo_negatives=eta.double()[rows],
+            )
+            optimizer.zero_grad()
+            batch_loss(key, head(X[rows]), batch, options).backward()
+            optimizer.step()
+    return head.weight.detach(), head.bias.detach(), theta
+
+
+def _data():
+    X, labels = synthetic()
+    observed = observe_uniform(labels, 1, 0, 1200)
+    observed_iu = observe_uniform(labels, 1, 1, 1200)
+    return X, labels, observed, observed_iu
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_engine_equals_heads_trained_alone(dtype, tol):
+    X, labels, observed, observed_iu = _data()
+    options = LossOptions(expected_positives=1.6)
+    losses = list(LOSSES)
+    model = StackedHeads(
+        losses=losses,
+        lrs=[1e-2, 1e-3],
+        batch_sizes=[8, 16],
+        seeds=[3],
+        epochs=3,
+        options=options,
+        device="cpu",
+        dtype=dtype,
+    ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu)
+    assert len(model.heads_) == len(losses) * 4
+    for group in model.groups_:
+        for index, head in enumerate(group.heads):
+            weight, bias, theta = plain_loop(
+                head.loss, head.lr, head.batch_size, head.seed, 3,
+                X, observed, labels, observed_iu, options,
+            )  # fmt: skip
+            got = group.weight[index].double()  # [L, D + 1]: the bias is the last column
+            np.testing.assert_allclose(got[:, :-1], weight, atol=tol, rtol=0)
+            np.testing.assert_allclose(got[:, -1], bias, atol=tol, rtol=0)
+            if head.loss == "role":
+                slot = group.role.index(index)
+                got = group.theta[slot].double()
+                np.testing.assert_allclose(got, theta.detach(), atol=tol * 10, rtol=0)
+                # dense Adam: rows outside the last batch moved too
+                assert (got != estimator_init(torch.tensor(observed), estimator_generator(3))).all()
+
+
+def test_best_epoch_weights_score_as_recorded():
+    X, labels, observed, observed_iu = _data()
+    Xv, Yv = synthetic(n=60, seed=1)
+    model = StackedHeads(
+        losses=["an", "role"], lrs=[1e-2, 1e-4], batch_sizes=[8], epochs=6, device="cpu"
+    ).fit(X, observed, labels=labels, X_val=Xv, Y_val=Yv)
+    np.testing.assert_allclose(model.score(Xv, Yv), model.best_val_map_, atol=1e-4)
+    assert set(model.best_epoch_) <= set(range(1, 7))
+    for head, epoch, best in zip(model.heads_, model.best_epoch_, model.best_val_map_, strict=True):
+        rows = [r for r in model.history_ if r["head"] == head.name]
+        assert len(rows) == 6
+        assert max(r["val_map"] for r in rows) == pytest.approx(best)
+        assert rows[epoch - 1]["val_map"] == pytest.approx(best)
+        assert sum(rows[0]["hidden_positive_histogram"]) == int(
+            ((labels == 1) & (observed == 0)).sum()
+        )
+    logits = model.decision_function(Xv)
+    np.testing.assert_allclose(
+        mean_average_precision(logits, torch.tensor(Yv)).numpy(), model.best_val_map_, atol=1e-4
+    )
+    role = next(h for h in model.heads_ if h.loss == "role")
+    assert model.estimator_probabilities(role).shape == labels.shape
+
+
+def test_resume_gives_the_uninterrupted_result():
+    X, labels, observed, _ = _data()
+    Xv, Yv = synthetic(n=60, seed=1)
+    kwargs = dict(
+        losses=["an", "role", "pseudo_neg"], lrs=[1e-3], batch_sizes=[8, 16], device="cpu"
+    )
+    full = StackedHeads(epochs=4, **kwargs).fit(X, observed, labels=labels, X_val=Xv, Y_val=Yv)
+    saved = {}
+
+    def stop_after_two(model, record):
+        if record["epoch"] == 2 and record["group"] is model.groups_[0]:
+            saved["state"] = model.state_dict()
+
+    StackedHeads(epochs=4, **kwargs).fit(
+        X, observed, labels=labels, X_val=Xv, Y_val=Yv, on_epoch=stop_after_two
+    )
+    # a fresh process: a new estimator loads the state saved after group 1's second epoch
+    # (group 2 had not started) and trains the rest
+    resumed = StackedHeads(epochs=4, **kwargs).fit(
+        X, observed, labels=labels, X_val=Xv, Y_val=Yv, state=saved["state"]
+    )
+    for a, b in zip(full.groups_, resumed.groups_, strict=True):
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+        torch.testing.assert_close(a.theta, b.theta, rtol=0, atol=0)
+    np.testing.assert_array_equal(full.best_epoch_, resumed.best_epoch_)
+    assert len(resumed.history_) == len(full.history_)
+
+
+def test_refusals():
+    X, labels, observed, _ = _data()
+    with pytest.raises(ValueError, match="observed_iu"):
+        StackedHeads(losses=["iu"], lrs=[1e-3], batch_sizes=[8], epochs=1).fit(
+            X, observed, labels=labels, X_val=X, Y_val=labels
+        )
+    with pytest.raises(ValueError, match="fewer than batch size 200"):
+        StackedHeads(losses=["an"], lrs=[1e-3], batch_sizes=[200], epochs=1).fit(
+            X, observed, labels=labels, X_val=X, Y_val=labels
+        )

@@ -1,0 +1,213 @@
+"""`spl import-features` and `spl fit-linear` end to end: run directory, selection, resume,
+refusals of bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from spl.data.prepared import load_prepared
+from spl.evaluate.selection import select_best
+from spl.extract.features import feature_path, load_features, write_features
+from spl.runs import read_csv
+
+from conftest import invoke
+
+
+def _arrays(tmp_path, n_train=300, n_test=120, dim=24, classes=6, seed=0):
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(classes, dim)
+    paths = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (rng.rand(n, classes) < 0.3).astype(np.uint8)
+        labels[np.arange(n), rng.randint(0, classes, n)] = 1
+        feats = (labels @ centers + 0.8 * rng.randn(n, dim)).astype(np.float32)
+        paths[f"{split}-features"] = tmp_path / f"{split}_f.npy"
+        paths[f"{split}-labels"] = tmp_path / f"{split}_l.npy"
+        np.save(paths[f"{split}-features"], feats)
+        np.save(paths[f"{split}-labels"], labels)
+    return paths
+
+
+@pytest.fixture
+def imported(tmp_path, runner):
+    paths = _arrays(tmp_path)
+    (tmp_path / "names.txt").write_text("\n".join(f"c{i}" for i in range(6)))
+    args = ["import-features", tmp_path / "ds" / "mine"]
+    for key, path in paths.items():
+        args += [f"--{key}", path]
+    invoke(runner, [*args, "--classes", tmp_path / "names.txt"])
+    return tmp_path / "ds" / "mine"
+
+
+def _fit(runner, dataset, out, *extra, ok=True):
+    args = ["fit-linear", dataset, "--features", "imported", "--out", out, "--quiet"]
+    return invoke(runner, [*args, *extra], ok=ok)
+
+
+def _run_dir(out):
+    (run,) = [p for p in (out / "mine" / "imported").iterdir() if p.is_dir()]
+    return run
+
+
+def test_import_features_round_trip(imported, tmp_path):
+    prepared = load_prepared(imported)
+    assert prepared.classes == [f"c{i}" for i in range(6)]
+    assert len(prepared.split["train"]) == 240 and len(prepared.split["val"]) == 60
+    features = load_features(prepared, "imported")
+    np.testing.assert_array_equal(features.features["trainval"], np.load(tmp_path / "train_f.npy"))
+    np.testing.assert_array_equal(prepared.labels["test"], np.load(tmp_path / "test_l.npy"))
+    assert features.attrs["backbone"] == "imported"
+
+
+def test_fit_linear_writes_the_run_directory(imported, tmp_path, runner):
+    result = _fit(runner, imported, tmp_path / "runs", "--epochs", 4, "--lrs", "1e-2,1e-3")
+    run = _run_dir(tmp_path / "runs")
+    assert run.name.startswith("linear-") and not (run / "INCOMPLETE").exists()
+    assert {"config.json", "history.jsonl", "results.csv", "heads.pt", "summary.md"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert not (run / "checkpoint.pt").exists()
+    rows = read_csv(run / "results.csv")
+    assert len(rows) == 9 * 2 * 2  # paper losses x lrs x batch sizes
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 36 * 4
+    for row in rows:
+        epochs = [h for h in history if h["head"] == row["head"]]
+        best = max(epochs, key=lambda h: h["val_map"])
+        assert int(row["best_epoch"]) == best["epoch"]
+        assert float(row["val_map"]) == pytest.approx(best["val_map"], abs=1e-3)
+    # the printed table is the selection rule applied to results.csv
+    selected = select_best(rows)
+    an = selected["an"]["picked"][0]
+    assert f"{float(an['test_map']):.1f}" in result.output.split("AN ")[1].splitlines()[0]
+    # heads.pt reloads with weights_only and reproduces the recorded test mAP
+    heads = torch.load(run / "heads.pt", weights_only=True)
+    prepared = load_prepared(imported)
+    test_x = torch.tensor(load_features(prepared, "imported").features["test"])
+    index = [h["loss"] + f"_lr{h['lr']:g}_bs{h['batch_size']}_s{h['seed']}" for h in heads["heads"]]
+    i = index.index(an["head"])
+    logits = test_x @ heads["weight"][i].T + heads["bias"][i]
+    from spl.evaluate.metrics import mean_average_precision
+
+    got = mean_average_precision(logits, torch.tensor(prepared.labels["test"])).item()
+    assert got == pytest.approx(float(an["test_map"]), abs=1e-3)
+    assert set(heads["estimates"]) == {r["head"] for r in rows if r["loss"] == "role"}
+    assert heads["estimates"][next(iter(heads["estimates"]))].shape == (240, 6)
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset_fingerprint"] == prepared.fingerprint and "finished" in config
+    assert "| ROLE |" in (run / "summary.md").read_text()
+    # a second run never overwrites the first
+    _fit(runner, imported, tmp_path / "runs", "--epochs", 1, "--losses", "an", "--lrs", "1e-3")
+    assert len(list((tmp_path / "runs" / "mine" / "imported").iterdir())) == 2
+
+
+def test_seeds_give_mean_and_std(imported, tmp_path, runner):
+    _fit(runner, imported, tmp_path / "runs", "--epochs", 2, "--losses", "an,role", "--lrs", "1e-2",
+         "--batch-sizes", "8", "--seeds", "0,1")  # fmt: skip
+    rows = read_csv(_run_dir(tmp_path / "runs") / "results.csv")
+    selected = select_best(rows)
+    tests = [float(r["test_map"]) for r in rows if r["loss"] == "an"]
+    mean, std = selected["an"]["test_map"]
+    assert mean == pytest.approx(np.mean(tests), abs=1e-3)
+    assert std == pytest.approx(np.std(tests, ddof=1), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_killed_run_is_marked_incomplete_and_resumes_to_the_same_result(imported, tmp_path, runner):
+    args = ["--epochs", 30, "--losses", "an,role,epr", "--lrs", "1e-3", "--batch-sizes", "8,16"]
+    _fit(runner, imported, tmp_path / "straight", *args)
+    straight = read_csv(_run_dir(tmp_path / "straight") / "results.csv")
+    command = [sys.executable, "-m", "spl", "fit-linear", str(imported), "--features", "imported",
+               "--out", str(tmp_path / "killed"), "--quiet", *map(str, args)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    checkpoint = None
+    while time.time() < deadline and process.poll() is None:
+        found = list((tmp_path / "killed").glob("mine/imported/linear-*/checkpoint.pt"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.02)
+    assert checkpoint is not None, "the run finished or failed before a checkpoint appeared"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    run = checkpoint.parent
+    assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
+    assert "--resume" in (run / "INCOMPLETE").read_text()
+    # resuming with other options is refused, naming them
+    refused = invoke(runner, ["fit-linear", "--resume", run, "--epochs", 5, "--quiet"], ok=False)
+    assert "--epochs: run has 30, given 5" in refused.output
+    invoke(runner, ["fit-linear", "--resume", run, "--quiet", "--out", tmp_path / "killed"])
+    resumed = read_csv(run / "results.csv")
+    assert resumed == straight
+    assert not (run / "INCOMPLETE").exists()
+    history = (run / "history.jsonl").read_text().splitlines()
+    assert len(history) == 3 * 2 * 30
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_nan_features_name_the_split_and_row(imported, runner, tmp_path):
+    prepared = load_prepared(imported)
+    features = load_features(prepared, "imported")
+    train = features.features["trainval"].copy()
+    val_row = int(prepared.split["val"][2])
+    train[val_row, 3] = np.nan
+    attrs = {
+        k: features.attrs[k] for k in ("tag", "backbone", "dataset_name", "dataset_fingerprint")
+    }
+    write_features(feature_path(imported, "imported"), {"trainval": train, "test": features.features["test"]},
+                   attrs, force=True)  # fmt: skip
+    result = _fit(runner, imported, tmp_path / "runs", "--epochs", 1, ok=False)
+    assert f"val split row 2 (trainval row {val_row})" in result.output
+
+
+def test_features_of_another_dataset_are_refused(imported, tmp_path, runner):
+    (tmp_path / "other").mkdir()
+    paths = _arrays(tmp_path / "other", seed=1)
+    args = ["import-features", tmp_path / "ds" / "other"]
+    for key, path in paths.items():
+        args += [f"--{key}", path]
+    invoke(runner, args)
+    other = feature_path(tmp_path / "ds" / "other", "imported")
+    target = feature_path(imported, "imported")
+    target.write_bytes(other.read_bytes())
+    result = _fit(runner, imported, tmp_path / "runs", ok=False)
+    assert "made from another prepared dataset" in result.output and "spl extract" in result.output
+
+
+def test_unknown_loss_lists_the_available(imported, tmp_path, runner):
+    result = _fit(runner, imported, tmp_path / "runs", "--losses", "an,focal", ok=False)
+    assert "unknown loss 'focal'" in result.output and "role" in result.output
+
+
+def test_iu_without_negatives_explains_which_set(imported, tmp_path, runner):
+    result = _fit(runner, imported, tmp_path / "runs", "--losses", "iu",
+                  "--observed-iu", "uniform-p1-n0-s1200", ok=False)  # fmt: skip
+    assert "iu trains on observed negatives" in result.output
+    assert "uniform-p1-n1-s1200" in result.output
+
+
+def test_split_smaller_than_batch_is_an_error(imported, tmp_path, runner):
+    result = _fit(runner, imported, tmp_path / "runs", "--batch-sizes", "500", ok=False)
+    assert "fewer than batch size 500" in result.output
+
+
+def test_import_refuses_bad_arrays(tmp_path, runner):
+    paths = _arrays(tmp_path)
+    feats = np.load(paths["test-features"])
+    feats[7, 0] = np.inf
+    np.save(paths["test-features"], feats)
+    args = ["import-features", tmp_path / "ds" / "x"]
+    for key, path in paths.items():
+        args += [f"--{key}", path]
+    result = invoke(runner, args, ok=False)
+    assert "test_f.npy" in result.output and "rows 7" in result.output

@@ -1,0 +1,71 @@
+"""Batched mAP against scikit-learn's per-class average_precision_score."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from spl.evaluate.metrics import (
+    average_precision,
+    mean_average_precision,
+    precision_recall_at_k,
+    probability_histogram,
+)
+
+
+def sklearn_map(scores, labels):
+    aps = []
+    for j in range(labels.shape[1]):
+        if labels[:, j].sum() == 0:
+            aps.append(0.0)  # the paper's rule: an empty class scores 0 and counts
+            continue
+        aps.append(average_precision_score(labels[:, j], scores[:, j]))
+    return 100 * np.mean(aps), np.array(aps)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_map_equals_sklearn_with_ties_and_empty_classes(seed):
+    rng = np.random.RandomState(seed)
+    heads, n, num_classes = 3, rng.randint(2, 300), rng.randint(1, 12)
+    labels = (rng.rand(n, num_classes) < rng.uniform(0.05, 0.6)).astype(np.int64)
+    labels[:, 0] = 0  # an empty class
+    levels = rng.choice([2, 5, 50, 10**6])  # few levels: many ties
+    scores = np.round(rng.rand(heads, n, num_classes) * levels) / levels
+    ours = mean_average_precision(torch.tensor(scores), torch.tensor(labels), chunk=2).numpy()
+    for h in range(heads):
+        expected, per_class = sklearn_map(scores[h], labels)
+        assert ours[h] == pytest.approx(expected, abs=1e-6)
+        got = average_precision(torch.tensor(scores[h]), torch.tensor(labels)).numpy()
+        np.testing.assert_allclose(got, per_class, atol=1e-8)
+
+
+def test_sklearn_itself_scores_an_empty_class_zero():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert average_precision_score([0, 0, 0], [0.1, 0.5, 0.2]) == 0
+
+
+def test_float32_scores_and_perfect_ranking():
+    labels = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.1, 0.2]], dtype=torch.float32)
+    assert mean_average_precision(scores, labels).item() == pytest.approx(100.0)
+    reversed_ = mean_average_precision(-scores, labels).item()
+    expected, _ = sklearn_map(-scores.numpy(), labels.numpy())
+    assert reversed_ == pytest.approx(expected, abs=1e-5)
+
+
+def test_precision_recall_at_k_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.1, 0.2, 0.9], [0.5, 0.4, 0.3]])
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [0, 0, 0]])
+    precision, recall = precision_recall_at_k(scores, labels, 2)
+    assert precision == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
+    assert recall == pytest.approx((1 / 2 + 1) / 2)  # the image with no positive is left out
+
+
+def test_histogram_counts_masked_entries_per_head():
+    probs = torch.tensor([[[0.05, 0.97], [0.5, 0.51]], [[1.0, 0.0], [0.25, 0.74]]])
+    mask = torch.tensor([[True, True], [False, True]])
+    counts = probability_histogram(probs, mask, bins=4)
+    np.testing.assert_array_equal(counts, [[1, 0, 1, 1], [1, 0, 1, 1]])
