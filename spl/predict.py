@@ -1,0 +1,152 @@
+"""``spl predict``: apply a fine-tuned checkpoint, or a linear head on its backbone, to images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spl.data.common import SplError
+from spl.runs import load_torch, read_config, read_csv
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    classes: list[str]
+    transform: object
+    device: torch.device
+    source: str
+
+
+def load_predictor(
+    path: Path, *, loss: str | None = None, head: str | None = None, device: str = "auto"
+) -> Predictor:
+    from spl.extract.backbones import get_backbone
+    from spl.extract.run import resolve_device
+    from spl.fit.finetune import Classifier
+
+    path = Path(path)
+    chosen = resolve_device(device)
+    if path.is_dir():
+        config = read_config(path)
+        if config.get("kind") == "finetune":
+            return load_predictor(_selected_checkpoint(path), device=device)
+        if config.get("kind") != "linear":
+            raise SplError(f"{path}: not a fit-linear or finetune run directory")
+        return _linear_predictor(path, config, loss, head, chosen)
+    checkpoint = load_torch(path, "fine-tune checkpoint")
+    if "meta" not in checkpoint or "model" not in checkpoint:
+        raise SplError(f"{path} is not an spl fine-tune checkpoint (best.pt)")
+    meta = checkpoint["meta"]
+    backbone, _ = get_backbone(meta["backbone"], meta["weights"], meta.get("weights_path"))
+    classifier = Classifier(backbone, meta["feature_dim"], len(meta["classes"]))
+    state = {
+        k.removeprefix("classifier."): v
+        for k, v in checkpoint["model"].items()
+        if k.startswith("classifier.")
+    }
+    classifier.load_state_dict(state)
+    return Predictor(
+        classifier.to(chosen).eval(), list(meta["classes"]),
+        _transform(meta["image_size"], meta["mean"], meta["std"]), chosen, str(path),
+    )  # fmt: skip
+
+
+def _selected_checkpoint(run: Path) -> Path:
+    from spl.evaluate.selection import select_best
+
+    if not (run / "results.csv").exists():
+        raise SplError(f"{run} has not finished: give a configuration's best.pt instead")
+    rows = read_csv(run / "results.csv")
+    pick = next(iter(select_best(rows).values()))["picked"][0]
+    return run / pick["config"] / "best.pt"
+
+
+def _linear_predictor(run: Path, config: dict, loss, head, device) -> Predictor:
+    from spl.evaluate.selection import select_best
+    from spl.extract.backbones import get_backbone
+    from spl.fit.finetune import Classifier
+
+    attrs = config["feature_attrs"]
+    if attrs.get("backbone") in (None, "imported"):
+        raise SplError(
+            f"{run} was trained on imported features: there is no backbone to apply to images"
+        )
+    rows = read_csv(run / "results.csv")
+    if head is None:
+        candidates = [r for r in rows if loss is None or r["loss"] == loss]
+        if not candidates:
+            raise SplError(f"{run} has no heads for loss {loss!r}")
+        selected = select_best(candidates)
+        best = max(selected.values(), key=lambda s: float(s["picked"][0]["val_map"]))
+        head = best["picked"][0]["head"]
+    heads = load_torch(run / "heads.pt", "fit-linear heads file")
+    names = [f"{h['loss']}_lr{h['lr']:g}_bs{h['batch_size']}_s{h['seed']}" for h in heads["heads"]]
+    if head not in names:
+        raise SplError(f"{run} has no head {head!r}; heads: {', '.join(names[:6])} ...")
+    index = names.index(head)
+    backbone, spec = get_backbone(attrs["backbone"], attrs["weights"])
+    classifier = Classifier(backbone, spec.feature_dim, len(heads["classes"]))
+    with torch.no_grad():
+        classifier.head.weight.copy_(heads["weight"][index])
+        classifier.head.bias.copy_(heads["bias"][index])
+    return Predictor(
+        classifier.to(device).eval(), list(heads["classes"]),
+        _transform(int(attrs["image_size"]), spec.mean, spec.std), device, f"{run}:{head}",
+    )  # fmt: skip
+
+
+def _transform(size: int, mean, std):
+    from spl.data.images import build_transform
+
+    return build_transform(int(size), train=False, mean=tuple(mean), std=tuple(std))
+
+
+@torch.no_grad()
+def predict_images(predictor: Predictor, paths: list[Path], batch_size: int = 32) -> torch.Tensor:
+    """Probabilities ``[len(paths), L]``; an unreadable image stops with its path."""
+    from spl.data.images import load_rgb
+
+    out = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = torch.stack([predictor.transform(load_rgb(Path(p))) for p in chunk])
+        logits = predictor.model(images.to(predictor.device))
+        out.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(out)
+
+
+def format_predictions(
+    paths: list[Path],
+    probabilities: torch.Tensor,
+    classes: list[str],
+    top_k: int | None,
+    threshold: float | None,
+    fmt: str,
+) -> str:
+    """Per image, classes by decreasing probability (the top k, at least ``threshold``)."""
+    records = []
+    for path, probs in zip(paths, probabilities, strict=True):
+        order = torch.argsort(probs, descending=True).tolist()
+        if top_k:
+            order = order[:top_k]
+        picked = [
+            {"class": classes[i], "probability": round(float(probs[i]), 6)}
+            for i in order
+            if threshold is None or float(probs[i]) >= threshold
+        ]
+        records.append({"image": str(path), "predictions": picked})
+    if fmt == "json":
+        return json.dumps(records, indent=2) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "rank", "class", "probability"])
+    for record in records:
+        for rank, item in enumerate(record["predictions"], 1):
+            writer.writerow([record["image"], rank, item["class"], item["probability"]])
+    return buffer.getvalue()
