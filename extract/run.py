@@ -187,8 +187,16 @@ class FeatureStep:
 
     def _decode(self, payloads: list[torch.Tensor], index: list[int], errors: list[str]):
         """Decode JPEG bytes on the device (nvJPEG on CUDA) and resize there, antialiased."""
-        from torchvision.io import ImageReadMode, decode_jpeg
+        import warnings
+
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as _decode_jpeg
         from torchvision.transforms.v2 import functional as tvf
+
+        def decode_jpeg(data, **kwargs):
+            with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; it works
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return _decode_jpeg(data, **kwargs)
 
         size = [self.image_size, self.image_size]
         out: list[torch.Tensor | None] = [None] * len(payloads)
@@ -521,7 +529,8 @@ def extract_features(
                     "rerun (finished chunks are kept), or pass --skip-bad to record unreadable "
                     "images as bad rows and go on"
                 )
-            stored = array.astype(dtype)
+            with np.errstate(over="ignore"):  # overflow is reported by _check_finite
+                stored = array.astype(dtype)
             stored[bad] = np.nan
             _check_finite(array, stored, bad, [names[chunk.offset + r] for r in range(len(array))])
             _save_chunk(partial / f"{chunk.name}.npz", stored, np.asarray(bad, np.int64), errors)
