@@ -21,9 +21,10 @@ from spl.fit.losses import LOSSES
     help="LinearInit: start from the best head of this loss in a fit-linear run.",
 )
 @click.option("--backbone", default="resnet50", show_default=True)
-@click.option("--weights", help="Weights id of the backbone [its paper/default weights].")
 @click.option(
-    "--weights-path", type=click.Path(dir_okay=False, exists=True), help="Local state dict."
+    "--weights",
+    help="Weights id (IMAGENET1K_V1, DEFAULT, random ...) or PATH to a local state dict "
+    "[the backbone's default; resnet50: IMAGENET1K_V1, the paper's].",
 )
 @click.option("--image-size", default=448, show_default=True)
 @click.option("--lrs", default=",".join(f"{v:g}" for v in PAPER_LRS), show_default=True)
@@ -83,6 +84,9 @@ def finetune(ctx: click.Context, dataset: Path | None, **options) -> None:
     else:
         if dataset is None or options["loss"] is None:
             raise SplError("give DATASET and --loss (or --resume RUN_DIR)")
+        weights = options["weights"]
+        if weights is not None and Path(weights).is_file():  # a local state dict
+            options["weights"], options["weights_path"] = None, str(Path(weights).resolve())
         settings = FinetuneSettings(**options)
     if settings.epochs < 1 or min(settings.batch_sizes) < 1:
         raise SplError("--epochs and --batch-sizes must be positive")

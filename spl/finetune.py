@@ -43,6 +43,7 @@ from spl.fit.finetune import (
 from spl.fit.losses import LOSSES, LossOptions, estimator_from_probabilities, estimator_init
 from spl.runs import (
     append_jsonl,
+    command_line,
     load_torch,
     mark_complete,
     new_run_dir,
@@ -387,6 +388,7 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
                 "processes": procs.world,
                 "device": str(procs.device),
                 "started": now(),
+                "command": command_line(),
             })  # fmt: skip
         run_dir = Path(_broadcast(str(run_dir), procs))
     else:

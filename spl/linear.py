@@ -27,6 +27,7 @@ from spl.fit.engine import (
 from spl.fit.losses import LOSSES, PAPER_LOSSES, LossOptions
 from spl.runs import (
     append_jsonl,
+    command_line,
     load_torch,
     mark_complete,
     new_run_dir,
@@ -171,6 +172,7 @@ def run_linear(
             "excluded_bad_rows": data.excluded,
             "classes": prepared.classes,
             "started": now(),
+            "command": command_line(),
             "device": str(resolve_device(settings.device)),
         }
         write_config(run_dir, config)

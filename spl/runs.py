@@ -64,7 +64,10 @@ def read_config(path: Path) -> dict:
 
 
 def command_line() -> str:
-    return " ".join(["spl", *sys.argv[1:]]) if sys.argv else "spl"
+    """The command that started this process, as `spl ...` (recorded in config.json)."""
+    import shlex
+
+    return shlex.join(["spl", *sys.argv[1:]])
 
 
 def now() -> str:
