@@ -105,11 +105,15 @@ def main() -> None:
         size = args.image_size or 128
         dataset = root / "demo"
         if not (dataset / "labels.h5").exists():
-            write_prepared(build_demo(dataset, train_images=400, test_images=50), dataset / "labels.h5")
+            write_prepared(
+                build_demo(dataset, train_images=400, test_images=50), dataset / "labels.h5"
+            )
         result = measure(dataset, "efficientnet_lite0", None, size, args.batch_size, args.steps,
                          "cpu", False, False, False, args.workers)  # fmt: skip
         machine = f"CPU ({torch.get_num_threads()} threads)"
-        rows.append((f"EfficientNet-Lite0, demo digits at {size}px, batch {args.batch_size}", result))
+        rows.append(
+            (f"EfficientNet-Lite0, demo digits at {size}px, batch {args.batch_size}", result)
+        )
     else:
         from synthetic import make_jpeg_dataset
 
@@ -126,13 +130,17 @@ def main() -> None:
                 print(f"{mode}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
     lines = ["| setting | train images/s | data-wait share |", "|---|---|---|"]
     for name, result in rows:
-        lines.append(f"| {name} | {result['images_per_second']:.1f} | {100 * result['wait_share']:.0f} % |")
+        lines.append(
+            f"| {name} | {result['images_per_second']:.1f} | {100 * result['wait_share']:.0f} % |"
+        )
     table = "\n".join(lines)
     print(table)
     header = f"## {machine} — {time.strftime('%Y-%m-%d')} — torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = args.out.read_text() if args.out.exists() else "# fine-tune benchmark results\n"
-    args.out.write_text(previous.rstrip() + f"\n\n{header}\n\nCommand: `python {' '.join(sys.argv)}`\n\n{table}\n")
+    args.out.write_text(
+        previous.rstrip() + f"\n\n{header}\n\nCommand: `python {' '.join(sys.argv)}`\n\n{table}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import invoke
 
 from spl.data.demo import build_demo
 from spl.data.prepared import write_prepared
+
+from conftest import invoke
 
 SIZE = 32
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", SIZE, "--linear-epochs", 3,
