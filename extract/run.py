@@ -177,13 +177,17 @@ class FeatureStep:
         return x.contiguous(memory_format=memory), errors
 
     @torch.inference_mode()
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
-        x, errors = self.images(batch)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images on the device -> float32 features on the device."""
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         ):
-            features = self.model(x)
-        return features.float(), errors
+            return self.model(x).float()
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
+        x, errors = self.images(batch)
+        return self.features(x), errors
 
     def _decode(self, payloads: list[torch.Tensor], index: list[int], errors: list[str]):
         """Decode JPEG bytes on the device (nvJPEG on CUDA) and resize there, antialiased."""
@@ -281,7 +285,12 @@ def run_chunks(
 ) -> Timing:
     """Run the model over ``chunks`` (key, batches of indices) and hand each finished chunk
     to ``on_chunk(key, features float32 [n, D], bad positions, their errors)``.
+
+    ``on_chunk`` runs in a background thread (one chunk at a time, in order) so that
+    writing a chunk does not leave the device idle; its errors surface here.
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     timing = timing or Timing()
     plan = [(key, len(batches), b) for key, batches in chunks for b in batches]
     if not plan:
@@ -291,31 +300,35 @@ def run_chunks(
     bad: list[int] = []
     errors: list[str] = []
     done_in_chunk, offset = 0, 0
-    batches = iter(loader)
-    tick = time.perf_counter()
-    for key, n_batches, indices in plan:
-        batch = next(batches)
-        now = time.perf_counter()
-        timing.data_s += now - tick
-        features, batch_errors = step(batch)
-        outputs.append(features)
-        for position, error in enumerate(batch_errors):
-            if error:
-                bad.append(offset + position)
-                errors.append(error)
-        offset += len(indices)
-        done_in_chunk += 1
-        if done_in_chunk == n_batches:
-            array = torch.cat(outputs).cpu().numpy()  # waits for the device
-            timing.model_s += time.perf_counter() - now
-            on_chunk(key, array, bad, errors)
-            outputs, bad, errors, done_in_chunk, offset = [], [], [], 0, 0
-        else:
-            timing.model_s += time.perf_counter() - now
-        timing.images += len(indices)
-        if progress is not None:
-            progress(len(indices))
+    saving: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as saver:
+        batches = iter(loader)
         tick = time.perf_counter()
+        for key, n_batches, indices in plan:
+            batch = next(batches)
+            now = time.perf_counter()
+            timing.data_s += now - tick
+            features, batch_errors = step(batch)
+            outputs.append(features)
+            for position, error in enumerate(batch_errors):
+                if error:
+                    bad.append(offset + position)
+                    errors.append(error)
+            offset += len(indices)
+            done_in_chunk += 1
+            if done_in_chunk == n_batches:
+                array = torch.cat(outputs).cpu().numpy()  # waits for the device
+                if saving is not None:
+                    saving.result()  # the previous chunk's error, if any, stops the run here
+                saving = saver.submit(on_chunk, key, array, bad, errors)
+                outputs, bad, errors, done_in_chunk, offset = [], [], [], 0, 0
+            timing.model_s += time.perf_counter() - now
+            timing.images += len(indices)
+            if progress is not None:
+                progress(len(indices))
+            tick = time.perf_counter()
+        if saving is not None:
+            saving.result()
     return timing
 
 
@@ -500,7 +513,8 @@ def extract_features(
         route = decode if decode != "auto" else ("device" if procs.device.type == "cuda" else "pil")
         if route not in DECODE_ROUTES:
             raise SplError(f"--decode {decode}: use auto, {' or '.join(DECODE_ROUTES)}")
-        paths, names = _image_list(prepared)
+        paths = _image_paths(prepared)
+        name = _RowNames(prepared)
         files = ImageFiles(paths, image_size, route)
         step = FeatureStep(model, spec, image_size, procs.device, amp=amp, files=files)
         attrs = _attrs(prepared, spec, tag, image_size, route, dtype, step.compute)
@@ -513,6 +527,7 @@ def extract_features(
         counts = {src: len(prepared.images[src]) for src in SOURCES}
         chunks = plan_chunks(counts, int(manifest["chunk_size"]))
         done = {p.name.removesuffix(".npz") for p in partial.glob("*.npz")}
+        procs.all_ok(True)  # every rank has listed the done chunks before any writes one
         pending = [c for c in chunks if c.name not in done]
         mine = pending[procs.rank :: procs.world]
         if done:
@@ -525,14 +540,14 @@ def extract_features(
         def save(chunk: _Chunk, array: np.ndarray, bad: list[int], errors: list[str]) -> None:
             if errors and not skip_bad:
                 raise SplError(
-                    f"{names[chunk.offset + bad[0]]}: {errors[0]}. Fix or restore the image and "
+                    f"{name(chunk.offset + bad[0])}: {errors[0]}. Fix or restore the image and "
                     "rerun (finished chunks are kept), or pass --skip-bad to record unreadable "
                     "images as bad rows and go on"
                 )
             with np.errstate(over="ignore"):  # overflow is reported by _check_finite
                 stored = array.astype(dtype)
             stored[bad] = np.nan
-            _check_finite(array, stored, bad, [names[chunk.offset + r] for r in range(len(array))])
+            _check_finite(array, stored, bad, lambda row: name(chunk.offset + row))
             _save_chunk(partial / f"{chunk.name}.npz", stored, np.asarray(bad, np.int64), errors)
             if chunk_pause:
                 time.sleep(chunk_pause)
@@ -550,6 +565,11 @@ def extract_features(
                     on_chunk=save,
                     progress=bar.update if bar else None,
                 )
+            except torch.cuda.OutOfMemoryError as exc:
+                raise SplError(
+                    f"out of GPU memory at batch size {batch_size}: pass a smaller --batch-size "
+                    "(finished chunks are kept; the run resumes)"
+                ) from exc
             finally:
                 if bar:
                     bar.close()
@@ -557,7 +577,7 @@ def extract_features(
         timing = procs.together(work)
         say(f"extracted {timing.summary()}" + (" on rank 0" if procs.world > 1 else ""))
         bad = procs.together(
-            lambda: _assemble(final, partial, chunks, counts, attrs, names, force), everyone=False
+            lambda: _assemble(final, partial, chunks, counts, attrs, name, force), everyone=False
         )
         say(f"wrote {final}")
         return ExtractResult(
@@ -620,17 +640,29 @@ def _attrs(
     }
 
 
-def _image_list(prepared: PreparedDataset) -> tuple[list[Path], list[str]]:
-    """Absolute image paths of both source files in row order, and how to name each row."""
-    from spl.extract.features import _split_row
-
-    paths, names = [], []
+def _image_paths(prepared: PreparedDataset) -> list[Path]:
+    """Absolute image paths of both source files, in row order (trainval, then test)."""
+    paths = []
     for source in SOURCES:
         for row, image in enumerate(prepared.images[source]):
             where = f"{prepared.path} ({source}), row {row}"
             paths.append(prepared.image_root / safe_relative(str(image), where))
-            names.append(_split_row(prepared, source, row))
-    return paths, names
+    return paths
+
+
+class _RowNames:
+    """Names an image by its index in :func:`_image_paths`: 'val split row 3 (trainval row 17)'."""
+
+    def __init__(self, prepared: PreparedDataset) -> None:
+        self.prepared = prepared
+        self.trainval = len(prepared.images["trainval"])
+
+    def __call__(self, index: int) -> str:
+        from spl.extract.features import _split_row
+
+        if index < self.trainval:
+            return _split_row(self.prepared, "trainval", index)
+        return _split_row(self.prepared, "test", index - self.trainval)
 
 
 def _open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool, say) -> None:
@@ -670,14 +702,16 @@ def _save_chunk(path: Path, features: np.ndarray, bad: np.ndarray, errors: list[
     os.replace(tmp, path)
 
 
-def _check_finite(computed: np.ndarray, stored: np.ndarray, bad: list[int], names: list[str]):
+def _check_finite(
+    computed: np.ndarray, stored: np.ndarray, bad: list[int], name: Callable[[int], str]
+) -> None:
     """Refuse NaN or infinite features (rows recorded as bad are NaN on purpose)."""
     finite = np.isfinite(stored).all(axis=1)
     finite[bad] = True
     if finite.all():
         return
     rows = np.nonzero(~finite)[0]
-    listed = ", ".join(names[r] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    listed = ", ".join(name(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
     if np.isfinite(computed[rows]).all():
         hint = f"their values overflow {stored.dtype}; use --dtype float32"
     else:
@@ -693,7 +727,7 @@ def _assemble(
     chunks: list[_Chunk],
     counts: dict[str, int],
     attrs: dict,
-    names: list[str],
+    name: Callable[[int], str],
     force: bool,
 ) -> dict[str, list[tuple[int, str]]]:
     """Put the chunks in row order, write the feature file atomically, drop the partial folder."""
@@ -719,7 +753,7 @@ def _assemble(
         for row, error in zip(rows.tolist(), errors.tolist(), strict=True):
             bad_rows[chunk.source].append(chunk.start + row)
             bad.setdefault(chunk.source, []).append(
-                (chunk.start + row, f"{names[chunk.offset + row]}: {error}")
+                (chunk.start + row, f"{name(chunk.offset + row)}: {error}")
             )
     write_features(
         final,

@@ -273,24 +273,28 @@ def test_unknown_backbone_and_listing(demo, runner):
     assert re.search(r"efficientnet_lite0\s+IMAGENET1K_TF", result.output)
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_write_the_single_process_file(demo, reference_64):
     args = [*FAST, "--image-size", "64", "--chunk-size", "32", "--batch-size", "16"]
-    out = subprocess.run(
+    job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "spl", "extract", demo, *args],
-        cwd=demo.parent, env=_subprocess_env(), capture_output=True, text=True, timeout=300,
+        cwd=demo.parent, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    share = int(re.search(r"extracted (\d+) images .* on rank 0", out.stdout).group(1))
+    try:
+        stdout, stderr = job.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)  # torchrun and both of its workers
+        raise
+    assert job.returncode == 0, stderr[-3000:]
+    share = int(re.search(r"extracted (\d+) images .* on rank 0", stdout).group(1))
     assert share == 128  # 8 chunks round-robin: rank 0 takes 4 of 32 rows
-    assert out.stdout.count("wrote ") == 1
+    assert stdout.count("wrote ") == 1
     features, _ = _features(demo)
     for source in ("trainval", "test"):
         assert np.array_equal(features[source], reference_64[source])
 
 
-@pytest.mark.slow
 def test_linear_probe_on_pretrained_features_beats_random_weights(demo, runner):
     """On the demo digits a linear probe on ImageNet features is far better than on the
     same architecture with random weights: the weights carry knowledge. Raw features are

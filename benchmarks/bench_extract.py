@@ -1,0 +1,310 @@
+"""Extraction speed: images/s of the data loading, of the model alone, and of the pipeline.
+
+CPU, the demo set (the numbers in results/extract.md)::
+
+    python benchmarks/bench_extract.py --device cpu --backbone efficientnet_lite0 \\
+        --image-sizes 64,96,128 --results benchmarks/results/extract.md
+
+GPU, synthetic 640x480 JPEGs, ResNet-50 at 448 with random weights (nothing to download)::
+
+    python benchmarks/bench_extract.py --device cuda --synthetic 2000 --image-sizes 448 \\
+        --backbone resnet50 --pretrained false --results results-gpu.md
+
+For every image size it measures: the model-only ceiling (the same batches, already
+normalised on the device, fed from memory), the data loading alone (workers decoding and
+resizing, no model) and the whole pipeline of ``spl extract`` for each decode route
+(``pil``: PIL in the workers; ``device``: nvJPEG on the GPU), as images/s and as a share of
+the ceiling. Needs only torch, torchvision, numpy, h5py and PIL (no scikit-learn, tqdm or
+click), and runs from a checkout without installing spl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from spl.extract.backbones import get_backbone  # noqa: E402
+from spl.extract.run import (  # noqa: E402
+    FeatureStep,
+    ImageFiles,
+    chunk_batches,
+    collate,
+    default_workers,
+    make_loader,
+    resolve_device,
+    run_chunks,
+)
+
+
+def synthetic_jpegs(folder: Path, count: int, width: int = 640, height: int = 480) -> list[Path]:
+    """Photo-like JPEGs (smooth colour fields plus texture, quality 90), made in parallel."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{k:06d}.jpg" for k in range(count)]
+    jobs = [(str(p), k, width, height) for k, p in enumerate(paths)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_one_jpeg, jobs, chunksize=16))
+    return paths
+
+
+def _one_jpeg(job: tuple[str, int, int, int]) -> None:
+    from PIL import Image
+
+    path, seed, width, height = job
+    rng = np.random.RandomState(seed)
+    coarse = Image.fromarray(rng.randint(0, 255, (6, 8, 3), dtype=np.uint8))
+    field = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    texture = rng.normal(0, 12, (height, width, 1)).astype(np.float32)
+    pixels = np.clip(field + texture, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def demo_paths(dataset: Path | None, train: int, test: int) -> tuple[list[Path], str]:
+    from spl.data.prepared import SOURCES, load_prepared
+
+    if dataset is None:
+        from spl.data.demo import build_demo
+        from spl.data.prepared import write_prepared
+
+        dataset = Path(tempfile.mkdtemp(prefix="bench-demo-")) / "demo"
+        write_prepared(
+            build_demo(dataset, train_images=train, test_images=test), dataset / "labels.h5"
+        )
+    prepared = load_prepared(dataset)
+    paths = [prepared.image_root / p for src in SOURCES for p in prepared.images[src]]
+    return paths, f"demo ({len(paths)} PNGs of 64x64)"
+
+
+def measure_ceiling(step: FeatureStep, files: ImageFiles, batch_size: int, count: int) -> float:
+    """Model-only images/s: a few real batches, normalised on the device, fed again and again."""
+    held = []
+    for indices in chunk_batches(0, min(len(files), 4 * batch_size), batch_size):
+        batch = collate([files[k] for k in indices])
+        if len(indices) == batch_size:
+            held.append(step.images(batch)[0])
+    for x in held[:2]:  # warm-up (cuDNN autotuning)
+        step.features(x)
+    _sync(step)
+    start, done, k = time.perf_counter(), 0, 0
+    while done < count:
+        out = step.features(held[k % len(held)])
+        done += out.shape[0]
+        k += 1
+    _sync(step)
+    return done / (time.perf_counter() - start)
+
+
+def measure_data(files: ImageFiles, batch_size: int, workers: int, pin: bool) -> float:
+    """Data-only images/s: the DataLoader workers decoding and resizing, no model."""
+    batches = chunk_batches(0, len(files), batch_size)
+    loader = iter(make_loader(files, batches, workers, pin))
+    next(loader)  # workers started
+    start, done = time.perf_counter(), 0
+    for batch in loader:
+        done += len(batch.index)
+    return done / max(time.perf_counter() - start, 1e-9)
+
+
+def measure_pipeline(
+    step: FeatureStep, files: ImageFiles, batch_size: int, workers: int, chunk: int
+):
+    """The extraction loop of ``spl extract`` (chunks of ``chunk`` rows; features discarded)."""
+    plan = [
+        (start, chunk_batches(start, min(start + chunk, len(files)), batch_size))
+        for start in range(0, len(files), chunk)
+    ]
+    first: list[float] = []
+
+    def tick(n: int) -> None:
+        if not first:
+            first.extend([time.perf_counter(), n])
+
+    kept: list[np.ndarray] = []
+    timing = run_chunks(
+        step,
+        files,
+        plan,
+        workers=workers,
+        on_chunk=lambda key, a, b, e: kept.append(a),
+        progress=tick,
+    )
+    _sync(step)
+    steady = (timing.images - first[1]) / max(time.perf_counter() - first[0], 1e-9)
+    return timing, steady, np.concatenate(kept)
+
+
+def _sync(step: FeatureStep) -> None:
+    if step.cuda:
+        torch.cuda.synchronize(step.device)
+
+
+def cpu_name() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return re.search(r"Model name:\s*(.+)", text).group(1).strip()
+    except (OSError, subprocess.CalledProcessError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--pretrained", default="true", choices=["true", "false"])
+    parser.add_argument("--image-sizes", default="64,96,128")
+    parser.add_argument(
+        "--synthetic", type=int, default=0, help="N synthetic JPEGs instead of the demo"
+    )
+    parser.add_argument("--dataset", type=Path, help="a prepared dataset (default: build the demo)")
+    parser.add_argument("--demo-train", type=int, default=2000)
+    parser.add_argument("--demo-test", type=int, default=1000)
+    parser.add_argument(
+        "--routes", default="auto", help="pil,device (auto: both on CUDA, pil on CPU)"
+    )
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--results", type=Path, help="Markdown file whose section this run replaces"
+    )
+    parser.add_argument(
+        "--check", default="true", choices=["true", "false"], help="CUDA: compare with CPU float32"
+    )
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    routes = (
+        (["pil", "device"] if cuda else ["pil"])
+        if args.routes == "auto"
+        else args.routes.split(",")
+    )
+    batch_size = args.batch_size or (128 if cuda else 32)
+    workers = args.workers if args.workers is not None else default_workers()
+    model, spec = get_backbone(args.backbone, pretrained=args.pretrained == "true")
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        if args.synthetic:
+            start = time.perf_counter()
+            paths = synthetic_jpegs(Path(tmp) / "jpegs", args.synthetic)
+            what = f"{len(paths)} synthetic 640x480 JPEGs (made in {time.perf_counter() - start:.0f} s)"
+        else:
+            paths, what = demo_paths(args.dataset, args.demo_train, args.demo_test)
+        machine = torch.cuda.get_device_name(device) if cuda else cpu_name()
+        header = (
+            f"{machine}; {os.cpu_count()} CPUs; torch {torch.__version__}; {args.backbone} "
+            f"({spec.weights}); {what}; batch {batch_size}; {workers} workers; "
+            f"threads {torch.get_num_threads()}"
+        )
+        print(header, flush=True)
+        rows = []
+        for size in [int(s) for s in args.image_sizes.split(",")]:
+            files = ImageFiles(paths, size, "pil")
+            step = FeatureStep(model, spec, size, device, files=files)
+            ceiling = measure_ceiling(step, files, batch_size, min(len(paths), 20 * batch_size))
+            data = measure_data(files, batch_size, workers, cuda)
+            reference = None
+            for route in routes:
+                files = ImageFiles(paths, size, route)
+                step.files = files
+                timing, steady, features = measure_pipeline(
+                    step, files, batch_size, workers, args.chunk_size
+                )
+                if reference is None:
+                    reference = features
+                agreement = _cosine(features, reference)
+                rows.append(
+                    {
+                        "size": size,
+                        "route": route,
+                        "ceiling": ceiling,
+                        "data": data,
+                        "pipeline": timing.images / timing.wall_s,
+                        "steady": steady,
+                        "share": steady / ceiling,
+                        "data_s": timing.data_s,
+                        "model_s": timing.model_s,
+                        "wall_s": timing.wall_s,
+                        "cosine": agreement,
+                    }
+                )
+                print(_row(rows[-1]), flush=True)
+            if cuda and args.check == "true":
+                print(f"  {size}px: CUDA ({step.compute}) vs CPU float32 cosine "
+                      f"{_cpu_check(model, spec, files, size, reference):.5f}", flush=True)  # fmt: skip
+        table = _table(header, rows, cuda)
+        print(table)
+        if args.results:
+            _update_results(args.results, "gpu" if cuda else "cpu", table)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return float((a * b).sum(axis=1).min())
+
+
+def _cpu_check(model, spec, files: ImageFiles, size: int, reference: np.ndarray) -> float:
+    """The lowest cosine similarity between the CUDA features and float32 CPU features."""
+    import copy
+
+    cpu = FeatureStep(copy.deepcopy(model).float(), spec, size, torch.device("cpu"))
+    count = min(16, len(files))
+    batch = collate([ImageFiles(files.paths, size, "pil")[k] for k in range(count)])
+    features = cpu(batch)[0].numpy()
+    return _cosine(features, reference[:count])
+
+
+def _row(r: dict) -> str:
+    return (
+        f"| {r['size']} | {r['route']} | {r['ceiling']:.0f} | {r['data']:.0f} | {r['pipeline']:.0f} "
+        f"| {r['steady']:.0f} | {100 * r['share']:.0f} % | {r['data_s']:.1f} / {r['model_s']:.1f} "
+        f"/ {r['wall_s']:.1f} | {r['cosine']:.4f} |"
+    )
+
+
+def _table(header: str, rows: list[dict], cuda: bool) -> str:
+    lines = [
+        f"{'GPU' if cuda else 'CPU'}: {header}",
+        "",
+        "| size | decode | model-only ceiling img/s | data-only img/s | pipeline img/s (all) "
+        "| pipeline img/s (steady) | steady / ceiling | data wait / model / wall s | min cosine vs first route |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[_row(r) for r in rows],
+    ]
+    return "\n".join(lines)
+
+
+def _update_results(path: Path, key: str, table: str) -> None:
+    """Replace the ``key`` section between markers in ``path`` (append it when absent)."""
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    text = path.read_text() if path.exists() else "# Extraction benchmarks\n"
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
