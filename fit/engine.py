@@ -411,8 +411,9 @@ class StackedHeads:
         epoch = group.epochs_done + 1
         X = self._data["X"]
         self._epoch_tables(group, epoch)
-        n_heads = len(group.heads)
-        group.loss_sum = torch.zeros(n_heads, dtype=torch.float64, device=X.device)
+        if getattr(group, "loss_sum", None) is None:
+            group.loss_sum = torch.zeros(len(group.heads), dtype=torch.float64, device=X.device)
+        group.loss_sum.zero_()  # in place: a captured CUDA graph accumulates into this buffer
         batches = epoch_batches(X.shape[0], group.batch_size, group.seed, epoch - 1)
         use_graph = self.cuda_graphs and X.device.type == "cuda" and not group.custom
         for step, rows in enumerate(batches):
