@@ -297,6 +297,14 @@ def part_d(args, rows):
     (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = data["train"], data["val"], data["test"]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+
+    def progress(model, record):  # a killed run still shows how far it got
+        print(
+            f"  batch {record['group'].batch_size} epoch {record['epoch']}: "
+            f"{record['seconds']:.1f} s, {time.perf_counter() - start:.0f} s so far",
+            flush=True,
+        )
+
     model = StackedHeads(
         losses=PAPER_LOSSES,
         lrs=PAPER_LRS,
@@ -305,7 +313,9 @@ def part_d(args, rows):
         options=options,
         device="cuda",
         cuda_graphs=not args.no_graphs,
-    ).fit(Xtr, observed, labels=Ytr, X_val=Xva, Y_val=Yva, observed_iu=observed_iu)
+    ).fit(
+        Xtr, observed, labels=Ytr, X_val=Xva, Y_val=Yva, observed_iu=observed_iu, on_epoch=progress
+    )
     model.score(Xte, Yte)
     torch.cuda.synchronize()
     total = time.perf_counter() - start

@@ -67,9 +67,17 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_rows, generator=generator)
 
 
-def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Batches of one epoch: shuffled, the last partial batch dropped (paper.md section 5)."""
+def epoch_batches(
+    num_rows: int, batch_size: int, seed: int, epoch: int, device: torch.device | None = None
+) -> list[torch.Tensor]:
+    """Batches of one epoch: shuffled, the last partial batch dropped (paper.md section 5).
+
+    The order goes to ``device`` once and each batch is a slice of it: no per-step
+    host-to-device copy to stall a GPU's queue.
+    """
     order = epoch_permutation(num_rows, seed, epoch)
+    if device is not None:
+        order = order.to(device)
     count = num_rows // batch_size
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
@@ -414,10 +422,9 @@ class StackedHeads:
         if getattr(group, "loss_sum", None) is None:
             group.loss_sum = torch.zeros(len(group.heads), dtype=torch.float64, device=X.device)
         group.loss_sum.zero_()  # in place: a captured CUDA graph accumulates into this buffer
-        batches = epoch_batches(X.shape[0], group.batch_size, group.seed, epoch - 1)
+        batches = epoch_batches(X.shape[0], group.batch_size, group.seed, epoch - 1, X.device)
         use_graph = self.cuda_graphs and X.device.type == "cuda" and not group.custom
         for step, rows in enumerate(batches):
-            rows = rows.to(X.device, non_blocking=True)
             if use_graph and group.graph is None and step == 3:
                 self._capture(group, rows)
             if group.graph is not None:
