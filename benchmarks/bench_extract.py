@@ -281,11 +281,15 @@ def _cpu_check(model, spec, files: ImageFiles, size: int, reference: np.ndarray)
     return _cosine(features, reference[:count])
 
 
+def _rate(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def _row(r: dict) -> str:
     return (
-        f"| {r['size']} | {r['route']} | {r['ceiling']:.0f} | {r['data']:.0f} | {r['pipeline']:.0f} "
-        f"| {r['steady']:.0f} | {100 * r['steady'] / r['ceiling']:.0f} % | {r['data_s']:.1f} / {r['model_s']:.1f} "
-        f"/ {r['wall_s']:.1f} | {r['cosine']:.4f} |"
+        f"| {r['size']} | {r['route']} | {_rate(r['ceiling'])} | {_rate(r['data'])} "
+        f"| {_rate(r['pipeline'])} | {_rate(r['steady'])} | {100 * r['steady'] / r['ceiling']:.0f} % "
+        f"| {r['data_s']:.1f} / {r['model_s']:.1f} / {r['wall_s']:.1f} | {r['cosine']:.4f} |"
     )
 
 

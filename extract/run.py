@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ class ImageFiles(Dataset):
 
     Item: ``(payload, index, error)``. Route ``pil``: payload ``[s, s, 3]`` uint8, decoded
     and resized with PIL exactly as ``transforms.Resize((s, s))`` does. Route ``device``:
-    a JPEG's encoded bytes (1-D uint8) for :class:`DeviceBatch` to decode; other formats
+    a JPEG's encoded bytes (1-D uint8) for :class:`FeatureStep` to decode; other formats
     are decoded here as with ``pil``. An unreadable file gives a zero image and its error.
     """
 
@@ -490,6 +491,8 @@ def extract_features(
         raise SplError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if image_size < 8:
         raise SplError(f"--image-size {image_size} is too small")
+    if chunk_size is not None and chunk_size < 1:
+        raise SplError(f"--chunk-size {chunk_size} must be positive")
     procs = Processes.start(device)
     say = log if procs.rank == 0 else (lambda _: None)
     try:
@@ -517,9 +520,7 @@ def extract_features(
         attrs = _attrs(prepared, spec, tag, image_size, route, dtype, step.compute)
         partial = final.parent / f".{tag}.partial"
         settings = {k: attrs[k] for k in _RESUME_KEYS}
-        procs.together(
-            lambda: _open_partial(partial, settings, chunk_size, force, say), everyone=False
-        )
+        procs.together(lambda: _open_partial(partial, settings, chunk_size, force), everyone=False)
         manifest = json.loads((partial / "manifest.json").read_text())
         counts = {src: len(prepared.images[src]) for src in SOURCES}
         chunks = plan_chunks(counts, int(manifest["chunk_size"]))
@@ -662,7 +663,7 @@ class _RowNames:
         return _split_row(self.prepared, "test", index - self.trainval)
 
 
-def _open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool, say) -> None:
+def _open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool) -> None:
     """Create or check the partial folder's manifest (rank 0, before the others look)."""
     manifest_path = partial / "manifest.json"
     if force and partial.exists():
@@ -683,8 +684,6 @@ def _open_partial(partial: Path, settings: dict, chunk_size: int | None, force: 
         return
     partial.mkdir(parents=True, exist_ok=True)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
-    if chunk_size < 1:
-        raise SplError(f"--chunk-size {chunk_size} must be positive")
     manifest = {"format": PARTIAL_FORMAT, "chunk_size": chunk_size, "settings": settings}
     write_json_atomic(manifest_path, manifest)
 
@@ -741,7 +740,9 @@ def _assemble(
         try:
             with np.load(path) as npz:
                 block, rows, errors = npz["features"], npz["bad"], npz["errors"]
-        except (OSError, ValueError, KeyError) as exc:
+            if block.shape[0] != chunk.stop - chunk.start:
+                raise ValueError(f"{block.shape[0]} rows, not {chunk.stop - chunk.start}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             path.unlink()
             raise SplError(f"{path} is damaged ({exc}); removed it: rerun to redo it") from exc
         if chunk.source not in features:

@@ -330,3 +330,32 @@ def test_get_backbone_error_reaches_the_cli_cleanly(demo, runner, tmp_path):
     assert "Traceback" not in result.output
     with pytest.raises(SplError, match="random initialisation takes no weights file"):
         get_backbone("resnet18", weights="random", weights_path=__file__)
+
+
+def test_a_damaged_chunk_is_dropped_and_redone(demo, runner, reference_64):
+    args = [
+        "extract",
+        demo,
+        *FAST,
+        "--image-size",
+        "64",
+        "--chunk-size",
+        "32",
+        "--batch-size",
+        "16",
+    ]
+    image = demo / "images" / "test" / "00040.png"
+    kept = image.read_bytes()
+    image.unlink()  # stops the run in the test file's second chunk
+    invoke(runner, args, ok=False)
+    partial = demo / "features" / f".{LITE0_64}.partial"
+    chunk = partial / "trainval-000002.npz"
+    chunk.write_bytes(chunk.read_bytes()[:1000])  # e.g. a disk that lost the file's end
+    image.write_bytes(kept)
+    result = invoke(runner, args, ok=False)
+    assert f"{chunk} is damaged" in result.output and "rerun to redo it" in result.output
+    result = invoke(runner, args)
+    assert f"resuming {LITE0_64}.h5: 7 of 8 chunks done" in result.output
+    features, _ = _features(demo)
+    for source in ("trainval", "test"):
+        assert np.array_equal(features[source], reference_64[source])
