@@ -621,7 +621,11 @@ def _attrs(
         "crop": None,
         "mean": list(spec.mean),
         "std": list(spec.std),
-        "decode": {"pil": "PIL", "device": "torchvision.io.decode_jpeg on the device"}[route],
+        "decode": {
+            "pil": "PIL (decode and resize in the workers)",
+            "device": "JPEG: torchvision decode_jpeg and antialiased resize on the device; "
+            "other formats: PIL",
+        }[route],
     }
     return {
         "tag": tag,
