@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from spl.extract.backbones import get_backbone  # noqa: E402
 from spl.extract.run import (  # noqa: E402
+    DEFAULT_CHUNK_SIZE,
     FeatureStep,
     ImageFiles,
     chunk_batches,
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--workers", type=int)
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeat", type=int, default=1, help="report medians of N repeats")
     parser.add_argument(

@@ -45,7 +45,7 @@ _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 @click.option(
     "--chunk-size",
     type=int,
-    help="Rows per resumable chunk [default: 1024; a resumed run keeps its own].",
+    help="Rows per resumable chunk [default: 512; a resumed run keeps its own].",
 )
 @click.option(
     "--skip-bad",
