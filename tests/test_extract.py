@@ -24,6 +24,16 @@ from conftest import REPO, invoke
 
 LITE0_64 = "efficientnet_lite0-IMAGENET1K_TF-64"
 FAST = ["--backbone", LITE0, "--device", "cpu", "--workers", "0", "--no-progress"]
+CHUNKED_64 = ["--image-size", "64", "--chunk-size", "32", "--batch-size", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread per process, as torchrun sets it: runs then compare bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -37,22 +47,11 @@ def demo(demo_small, tmp_path):
 @pytest.fixture(scope="module")
 def reference_64(demo_small, tmp_path_factory):
     """Lite0 features of the demo at 64 px, chunks of 32 rows in batches of 16."""
-    target = tmp_path_factory.mktemp("reference") / "demo"
-    shutil.copytree(demo_small, target, ignore=shutil.ignore_patterns("features"))
     from click.testing import CliRunner
 
-    args = [
-        "extract",
-        target,
-        *FAST,
-        "--image-size",
-        "64",
-        "--chunk-size",
-        "32",
-        "--batch-size",
-        "16",
-    ]
-    invoke(CliRunner(), args)
+    target = tmp_path_factory.mktemp("reference") / "demo"
+    shutil.copytree(demo_small, target, ignore=shutil.ignore_patterns("features"))
+    invoke(CliRunner(), ["extract", target, *FAST, *CHUNKED_64])
     with h5py.File(target / "features" / f"{LITE0_64}.h5") as h5:
         return {src: h5[src][()] for src in ("trainval", "test")}
 
@@ -136,7 +135,7 @@ def test_rerun_does_nothing_unless_forced(demo, runner):
 
 
 def test_sigkill_midway_then_resume_gives_the_same_file(demo, reference_64, runner):
-    args = [*FAST, "--image-size", "64", "--chunk-size", "32", "--batch-size", "16"]
+    args = [*FAST, *CHUNKED_64]
     partial = demo / "features" / f".{LITE0_64}.partial"
     process = subprocess.Popen(
         [sys.executable, "-m", "spl", "extract", demo, *args, "--chunk-pause", "1"],
@@ -182,17 +181,7 @@ def test_missing_and_corrupt_images_stop_or_are_recorded(demo, runner, reference
     missing.unlink()
     corrupt = prepared.image_root / prepared.images["test"][70]
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    args = [
-        "extract",
-        demo,
-        *FAST,
-        "--image-size",
-        "64",
-        "--chunk-size",
-        "32",
-        "--batch-size",
-        "16",
-    ]
+    args = ["extract", demo, *FAST, *CHUNKED_64]
     result = invoke(runner, args, ok=False)
     assert (
         f"val split row {position} (trainval row {train_row}): image not found: {missing}"
@@ -274,7 +263,7 @@ def test_unknown_backbone_and_listing(demo, runner):
 
 
 def test_torchrun_two_processes_write_the_single_process_file(demo, reference_64):
-    args = [*FAST, "--image-size", "64", "--chunk-size", "32", "--batch-size", "16"]
+    args = [*FAST, *CHUNKED_64]
     job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "spl", "extract", demo, *args],
@@ -333,17 +322,7 @@ def test_get_backbone_error_reaches_the_cli_cleanly(demo, runner, tmp_path):
 
 
 def test_a_damaged_chunk_is_dropped_and_redone(demo, runner, reference_64):
-    args = [
-        "extract",
-        demo,
-        *FAST,
-        "--image-size",
-        "64",
-        "--chunk-size",
-        "32",
-        "--batch-size",
-        "16",
-    ]
+    args = ["extract", demo, *FAST, *CHUNKED_64]
     image = demo / "images" / "test" / "00040.png"
     kept = image.read_bytes()
     image.unlink()  # stops the run in the test file's second chunk
