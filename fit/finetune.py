@@ -63,7 +63,7 @@ class TrainSettings:
     options: LossOptions
     amp: bool = False  # bf16 autocast (CUDA)
     channels_last: bool = False
-    pseudo_negative_fraction: float = 0.5
+    freeze_batchnorm: bool = False  # the paper trains BatchNorm (statistics updated)
 
 
 def make_optimizer(
@@ -113,6 +113,13 @@ def train_epoch(
     import time
 
     trainable.train()
+    if settings.freeze_batchnorm:
+        # Normalise with the pretrained statistics (affine weights still learn): for data
+        # whose statistics are far from ImageNet's, where train-mode BatchNorm first undoes
+        # what the pretrained (and LinearInit) head expects.
+        for module in trainable.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total, steps = 0.0, 0
     wait_start = time.perf_counter()
     for step, (images, labels, observed, index) in enumerate(loader):

@@ -48,6 +48,10 @@ from spl.fit.losses import LOSSES
 @click.option("--cache-images", is_flag=True,
               help="Decode and resize every image once into DATASET/cache/ (3*s^2 bytes each).")  # fmt: skip
 @click.option("--sync-bn", is_flag=True, help="Synchronise BatchNorm across processes.")
+@click.option("--batchnorm", type=click.Choice(["train", "frozen"]), default="train",
+              show_default=True,
+              help="train: the paper's (statistics follow the data); frozen: keep the "
+              "pretrained statistics (for data far from ImageNet).")  # fmt: skip
 @click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Continue an interrupted fine-tune run.")  # fmt: skip
 @click.option("--quiet", is_flag=True)

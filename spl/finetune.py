@@ -89,6 +89,7 @@ class FinetuneSettings:
     channels_last: bool = True  # on CUDA
     cache_images: bool = False
     sync_bn: bool = False
+    batchnorm: str = "train"  # the paper's; "frozen" keeps the pretrained statistics
 
     def loss_options(self, prepared: PreparedDataset) -> LossOptions:
         k = self.expected_positives
@@ -477,6 +478,7 @@ def _train_config(
     train_settings = TrainSettings(
         loss=settings.loss, lr=lr, options=options, amp=settings.amp and cuda,
         channels_last=settings.channels_last and cuda,
+        freeze_batchnorm=settings.batchnorm == "frozen",
     )  # fmt: skip
     meta = _meta(settings, spec, prepared, lr, bs, seed, init)
     val_labels = prepared.labels["trainval"][data.rows["val"]]

@@ -275,3 +275,21 @@ def test_a_short_distributed_run_trains_and_checkpoints(linear, tmp_path):
     best = torch.load(folder / "best.pt", weights_only=True)
     assert best["meta"]["batch_size"] == 16 and "estimator.theta" in best["model"]
     assert len(read_csv(run / "results.csv")) == 1
+
+
+def test_frozen_batchnorm_keeps_the_pretrained_statistics(linear, runner, tmp_path):
+    from spl.extract.backbones import get_backbone
+
+    dataset, _, _ = linear
+    pretrained, _ = get_backbone("efficientnet_lite0")
+    stats = {k: v for k, v in pretrained.state_dict().items() if k.endswith("running_mean")}
+    for mode in ("frozen", "train"):
+        _finetune(runner, dataset, tmp_path / mode, "--loss", "an", "--lrs", "1e-4",
+                  "--epochs", 1, "--batchnorm", mode)  # fmt: skip
+        run = _only_run(tmp_path / mode / "demo" / TAG)
+        (config,) = [p for p in run.iterdir() if p.is_dir()]
+        model = torch.load(config / "best.pt", weights_only=True)["model"]
+        moved = max(
+            float((model[f"classifier.backbone.{k}"] - v).abs().max()) for k, v in stats.items()
+        )
+        assert (moved == 0.0) if mode == "frozen" else (moved > 1e-3), (mode, moved)
