@@ -67,12 +67,15 @@ class Plan:
 
     @functools.cached_property
     def tag(self) -> str:
-        """The feature tag of the backbone (its weights id resolved once: building the
-        backbone loads its weights)."""
-        from spl.extract.backbones import backbone_tag, get_backbone
+        """The feature tag of the backbone: resolved without building the model, so that
+        planning works offline."""
+        from spl.extract.backbones import backbone_tag, weights_id
 
-        _, spec = get_backbone(self.backbone, self.weights)
-        return backbone_tag(self.backbone, spec.weights, self.image_size)
+        if self.weights is not None and Path(self.weights).is_file():
+            resolved = weights_id(self.backbone, weights_path=self.weights)
+        else:
+            resolved = weights_id(self.backbone, self.weights)
+        return backbone_tag(self.backbone, resolved, self.image_size)
 
 
 @dataclass
