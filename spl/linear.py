@@ -165,7 +165,8 @@ def run_linear(
             "dataset_fingerprint": prepared.fingerprint,
             "feature_tag": tag,
             "feature_attrs": {
-                k: feature_set.attrs.get(k) for k in ("backbone", "weights", "image_size", "dtype")
+                k: feature_set.attrs.get(k)
+                for k in ("backbone", "weights", "weights_source", "image_size", "dtype")
             },
             "settings": dataclasses.asdict(settings),
             "loss_options": options.to_dict(),

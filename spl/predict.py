@@ -90,7 +90,11 @@ def _linear_predictor(run: Path, config: dict, loss, head, device) -> Predictor:
     if head not in names:
         raise SplError(f"{run} has no head {head!r}; heads: {', '.join(names[:6])} ...")
     index = names.index(head)
-    backbone, spec = get_backbone(attrs["backbone"], attrs["weights"])
+    source = attrs.get("weights_source") or ""
+    if Path(source).is_file():  # features made from a local weights file
+        backbone, spec = get_backbone(attrs["backbone"], attrs["weights"], weights_path=source)
+    else:
+        backbone, spec = get_backbone(attrs["backbone"], attrs["weights"])
     classifier = Classifier(backbone, spec.feature_dim, len(heads["classes"]))
     with torch.no_grad():
         classifier.head.weight.copy_(heads["weight"][index])
