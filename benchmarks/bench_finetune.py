@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=1024, help="GPU: synthetic JPEGs")
+    parser.add_argument("--synthetic", action="store_true", help="the GPU modes on any device")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
@@ -98,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="spl-bench-ft-"))
     rows = []
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.synthetic:
         from spl.data.demo import build_demo
         from spl.data.prepared import write_prepared
 
@@ -119,12 +120,13 @@ def main() -> None:
 
         size = args.image_size or 448
         dataset = make_jpeg_dataset(root, args.images)
-        machine = torch.cuda.get_device_name()
+        machine = torch.cuda.get_device_name() if args.device != "cpu" else "CPU"
         for cache in (False, True):
             for amp in (False, True):
                 start = time.perf_counter()
+                fast = amp and args.device != "cpu"  # bf16 + channels-last are CUDA modes
                 result = measure(dataset, "resnet50", "random", size, args.batch_size, args.steps,
-                                 args.device, amp, amp, cache, args.workers)  # fmt: skip
+                                 args.device, fast, fast, cache, args.workers)  # fmt: skip
                 mode = f"{'bf16 + channels-last' if amp else 'fp32'}, {'cached pixels' if cache else 'JPEG decode in workers'}"
                 rows.append((f"ResNet-50 at {size}px, batch {args.batch_size}: {mode}", result))
                 print(f"{mode}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)

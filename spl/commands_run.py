@@ -97,8 +97,8 @@ def _default_jobs() -> int:
 @click.command("demo")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo-output"), show_default=True)  # fmt: skip
-@click.option("--image-size", default=128, show_default=True)
-@click.option("--finetune-epochs", default=2, show_default=True)
+@click.option("--image-size", default=64, show_default=True)
+@click.option("--finetune-epochs", default=3, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed of the demo images.")
 @config_option
