@@ -12,15 +12,19 @@ mkdir -p "$OUT"
 part=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "$part" = F ]; then  # the fit-linear sweep alone
+    timeout 150 python benchmarks/bench_fit_linear.py --parts d --device cuda \
+        --out "$OUT/fit_linear.md" 2>&1 | tee "$OUT/fit_linear.log"
+fi
 if [ "$part" = A ] || [ "$part" = all ]; then
     timeout 150 python benchmarks/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
-    timeout 220 python benchmarks/bench_fit_linear.py --parts d --device cuda \
+    timeout 150 python benchmarks/bench_fit_linear.py --parts d --device cuda \
         --out "$OUT/fit_linear.md" 2>&1 | tee "$OUT/fit_linear.log"
 fi
 if [ "$part" = B ] || [ "$part" = all ]; then
     cp benchmarks/results/extract.md "$OUT/extract.md"
-    timeout 170 python benchmarks/bench_extract.py --device cuda --synthetic 2000 --image-sizes 448 \
+    timeout 150 python benchmarks/bench_extract.py --device cuda --synthetic 2000 --image-sizes 448 \
         --backbone resnet50 --pretrained false --results "$OUT/extract.md" 2>&1 | tee "$OUT/extract.log"
-    timeout 150 python benchmarks/bench_finetune.py --device cuda --images 512 --steps 30 \
+    timeout 120 python benchmarks/bench_finetune.py --device cuda --images 512 --steps 20 \
         --out "$OUT/finetune.md" 2>&1 | tee "$OUT/finetune.log"
 fi

@@ -58,7 +58,17 @@ def engine_checks() -> None:
             float((a.weight.double().cpu() - b.weight).abs().max())
             for a, b in zip(model.groups_, reference.groups_, strict=True)
         )
-        captured = graphs and all(g.graph is None for g in model.groups_)  # released after fit
+        import warnings
+
+        captured = None
+        if graphs:  # a failed capture warns and trains eagerly: make that a failure here
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                StackedHeads(device="cuda", cuda_graphs=True, **{**kwargs, "epochs": 1}).fit(
+                    X, observed, **fit
+                )
+            captured = not any("capture failed" in str(w.message) for w in caught)
+            check("CUDA graph captured", captured, str([str(w.message) for w in caught]))
         check(f"engine cuda graphs={graphs} vs cpu float64", worst < 2e-4,
               f"max |dw| = {worst:.2e}, {seconds:.1f} s, graphs released: {captured}")  # fmt: skip
         theta = max(

@@ -117,7 +117,9 @@ class _Group:
     gives the gradient of weights and biases together.
     """
 
-    def __init__(self, heads, num_features, num_classes, observed, options, device, dtype):
+    def __init__(
+        self, heads, num_features, num_classes, observed, options, device, dtype, graphs=False
+    ):
         # Heads sorted by lr: each lr's heads form one contiguous block of the stacked
         # weights, so one fused Adam call (one param group) updates the block in place.
         self.heads = sorted(heads, key=lambda h: (-h.lr, h.loss))
@@ -153,7 +155,9 @@ class _Group:
             self.theta_grad = torch.zeros_like(self.theta)
         else:
             self.theta = self.theta_grad = None
-        self.optimizer = self._make_optimizer(options, capturable=False)
+        # CUDA graphs replay optimizer.step(): Adam must keep its step count on the device.
+        self.capturable = bool(graphs) and torch.device(device).type == "cuda"
+        self.optimizer = self._make_optimizer(options, capturable=self.capturable)
         self.best_weight = self.weight.clone()
         self.best_theta = self.theta.clone() if self.theta is not None else None
         self.best_val = torch.full((n_heads,), -1.0, dtype=torch.float64)
@@ -202,6 +206,8 @@ class _Group:
             self.theta.copy_(state["theta"])
             self.best_theta.copy_(state["best_theta"])
         self.optimizer.load_state_dict(state["adam"])  # casts moments to the device
+        for group in self.optimizer.param_groups:  # a checkpoint may come from the CPU
+            group["capturable"] = self.capturable
         self.best_weight.copy_(state["best_weight"])
         self.best_val.copy_(state["best_val"])
         self.best_epoch.copy_(state["best_epoch"])
@@ -322,8 +328,9 @@ class StackedHeads:
             for bs in self.batch_sizes:
                 heads = [HeadConfig(loss, lr, bs, seed) for lr in self.lrs for loss in self.losses]
                 group = _Group(
-                    heads, num_features, num_classes, observed, self.options, device, dtype
-                )
+                    heads, num_features, num_classes, observed, self.options, device, dtype,
+                    graphs=self.cuda_graphs,
+                )  # fmt: skip
                 self.groups_.append(group)
                 self.heads_.extend(group.heads)
         self.history_: list[dict] = []
@@ -442,9 +449,6 @@ class StackedHeads:
         """Record one training step as a CUDA graph: a step is ~100 small kernels, and
         replaying them as one graph removes the launch overhead that dominates on a GPU."""
         try:
-            state = group.optimizer.state_dict()
-            group.optimizer = group._make_optimizer(self.options, capturable=True)
-            group.optimizer.load_state_dict(state)
             group.rows = rows.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
