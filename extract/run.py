@@ -396,6 +396,7 @@ class Processes:
         if self.owns_group:
             import torch.distributed as dist
 
+            self.all_ok(True)  # every rank arrives before the group goes away
             dist.destroy_process_group()
 
 
