@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spl.data.common import SplError, atomic_path, safe_relative, write_json_atomic
-from spl.data.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from spl.data.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb, split_arrays
 from spl.data.prepared import SOURCES, PreparedDataset
 
 
@@ -143,17 +143,10 @@ class CachedImageDataset(Dataset):
         observed_set: str | None = None,
         exclude_rows: Sequence[int] = (),
     ) -> None:
-        self.source, rows = prepared.rows(split)
-        if len(exclude_rows):
-            rows = rows[~np.isin(rows, np.asarray(exclude_rows))]
-        self.rows = rows
+        self.source, self.rows, self.labels, self.observed = split_arrays(
+            prepared, split, observed_set, exclude_rows
+        )
         self.pixels, _ = open_cache(prepared, self.source, size)
-        self.labels = torch.from_numpy(prepared.labels[self.source][rows].astype(np.float32))
-        if observed_set is not None:
-            observed = prepared.observed_set(observed_set)[self.source][rows]
-            self.observed = torch.from_numpy(observed.astype(np.float32))
-        else:
-            self.observed = torch.zeros_like(self.labels)
 
     def __len__(self) -> int:
         return len(self.rows)

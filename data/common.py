@@ -68,6 +68,17 @@ def fingerprint_strings(*groups: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def plain(value):
+    """An HDF5 attribute as a plain Python value (JSON-serialisable)."""
+    import numpy as np
+
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def safe_relative(path: str, where: str) -> str:
     """Normalise an image path relative to its image root; refuse one that escapes it.
 

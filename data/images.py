@@ -47,6 +47,24 @@ def load_rgb(path: Path):
         raise SplError(f"cannot decode image {path}: {exc}") from exc
 
 
+def split_arrays(
+    prepared: PreparedDataset,
+    split: str,
+    observed_set: str | None,
+    exclude_rows: Sequence[int] = (),
+) -> tuple[str, np.ndarray, torch.Tensor, torch.Tensor]:
+    """(source file, rows, full labels, observed labels) of a split, without ``exclude_rows``;
+    observed labels are all zero (unobserved) when no set is named."""
+    source, rows = prepared.rows(split)
+    if len(exclude_rows):
+        rows = rows[~np.isin(rows, np.asarray(exclude_rows))]
+    labels = torch.from_numpy(prepared.labels[source][rows].astype(np.float32))
+    if observed_set is None:
+        return source, rows, labels, torch.zeros_like(labels)
+    observed = prepared.observed_set(observed_set)[source][rows]
+    return source, rows, labels, torch.from_numpy(observed.astype(np.float32))
+
+
 class ImageDataset(Dataset):
     """One split of a prepared dataset: ``(image, labels, observed, index)`` per item.
 
@@ -67,22 +85,15 @@ class ImageDataset(Dataset):
     ) -> None:
         self.prepared = prepared
         self.split = split
-        self.source, rows = prepared.rows(split)
-        if len(exclude_rows):
-            rows = rows[~np.isin(rows, np.asarray(exclude_rows))]
-        self.rows = rows
+        self.source, self.rows, self.labels, self.observed = split_arrays(
+            prepared, split, observed_set, exclude_rows
+        )
         self.image_root = Path(image_root) if image_root else prepared.image_root
         where = f"{prepared.path} ({self.source})"
         self.paths = [
             safe_relative(str(p), f"{where}, row {r}")
-            for r, p in zip(rows, prepared.images[self.source][rows], strict=True)
+            for r, p in zip(self.rows, prepared.images[self.source][self.rows], strict=True)
         ]
-        self.labels = torch.from_numpy(prepared.labels[self.source][rows].astype(np.float32))
-        if observed_set is not None:
-            observed = prepared.observed_set(observed_set)[self.source][rows]
-            self.observed = torch.from_numpy(observed.astype(np.float32))
-        else:
-            self.observed = torch.zeros_like(self.labels)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spl.data.common import SplError, atomic_path, fingerprint_strings
+from spl.data.common import SplError, atomic_path, fingerprint_strings, plain
 from spl.data.sampling import (
     DEFAULT_SEED,
     DEFAULT_VAL_FRACTION,
@@ -283,7 +283,7 @@ def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
         version = int(h5.attrs["format_version"])
         if version > FORMAT_VERSION:
             raise SplError(f"{path} has format version {version}; this spl reads {FORMAT_VERSION}")
-        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        attrs = {k: plain(v) for k, v in h5.attrs.items()}
         classes = [_text(c) for c in h5["classes"][()]]
         images = {src: np.array([_text(p) for p in h5[f"{src}/images"][()]]) for src in SOURCES}
         labels = {src: h5[f"{src}/labels"][()] for src in SOURCES}
@@ -319,14 +319,6 @@ def _stored_root(image_root: Path, dataset_dir: Path) -> str:
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _spl_version() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spl.data.common import SplError, atomic_path
+from spl.data.common import SplError, atomic_path, plain
 from spl.data.prepared import SOURCES, PreparedDataset
 
 FORMAT = "spl.features"
@@ -118,16 +118,7 @@ def _attr(value):
 
 def read_feature_attrs(path: Path) -> dict:
     with h5py.File(path, "r") as h5:
-        return {k: _plain(v) for k, v in h5.attrs.items()}
-
-
-def _plain(value):
-    """HDF5 attributes as plain Python values (JSON-serialisable)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+        return {k: plain(v) for k, v in h5.attrs.items()}
 
 
 def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = True) -> FeatureSet:
@@ -148,7 +139,7 @@ def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = T
             f"{path} is not a readable HDF5 file ({exc}); rebuild it: {rebuild}"
         ) from exc
     with h5:
-        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        attrs = {k: plain(v) for k, v in h5.attrs.items()}
         if attrs.get("format") != FORMAT:
             raise SplError(f"{path} is not an spl feature file")
         if attrs.get("dataset_fingerprint") != prepared.fingerprint:

@@ -62,21 +62,39 @@ def explicit_options(ctx: click.Context) -> set[str]:
     }
 
 
-def float_list(text: str, option: str) -> list[float]:
+def number_list(text: str, option: str, cast: type = float) -> list:
+    """``1e-3,1e-4`` -> [0.001, 0.0001]; a clear error naming the option otherwise."""
+    kind = "integers" if cast is int else "numbers"
     try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
+        values = [cast(v) for v in str(text).split(",") if v.strip()]
     except ValueError as exc:
-        raise SplError(f"{option} takes comma-separated numbers, got {text!r}") from exc
+        raise SplError(f"{option} takes comma-separated {kind}, got {text!r}") from exc
     if not values:
         raise SplError(f"{option} needs at least one value")
     return values
+
+
+def float_list(text: str, option: str) -> list[float]:
+    return number_list(text, option, float)
 
 
 def int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError as exc:
-        raise SplError(f"{option} takes comma-separated integers, got {text!r}") from exc
-    if not values:
-        raise SplError(f"{option} needs at least one value")
-    return values
+    return number_list(text, option, int)
+
+
+def check_resume(ctx: click.Context, run, kind: str, given: dict) -> dict:
+    """The config of an interrupted run of ``kind``; options typed again must match it."""
+    from spl.runs import INCOMPLETE, option_differences, read_config
+
+    config = read_config(run)
+    if config.get("kind") != kind:
+        raise SplError(f"{run} is not a {kind} run")
+    if not (run / INCOMPLETE).exists():
+        raise SplError(f"{run} has finished; nothing to resume")
+    typed = explicit_options(ctx)
+    differences = option_differences(
+        config["settings"], {k: v for k, v in given.items() if k in typed}
+    )
+    if differences:
+        raise SplError(f"--resume {run} was run with other options:\n  " + "\n  ".join(differences))
+    return config

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from spl.clitools import config_option, explicit_options, float_list, int_list
+from spl.clitools import check_resume, config_option, float_list, int_list
 from spl.data.common import SplError
 from spl.fit.engine import PAPER_BATCH_SIZES, PAPER_LRS
 from spl.fit.losses import LOSSES
@@ -64,25 +64,14 @@ def finetune(ctx: click.Context, dataset: Path | None, **options) -> None:
     Multi-GPU: torchrun --nproc_per_node N -m spl finetune ... (batch sizes are global).
     """
     from spl.finetune import FinetuneSettings, run_finetune, summary_table
-    from spl.runs import option_differences, read_config, read_csv
+    from spl.runs import read_csv
 
     resume, quiet, out = options.pop("resume"), options.pop("quiet"), options.pop("out")
     options["lrs"] = float_list(options["lrs"], "--lrs")
     options["batch_sizes"] = int_list(options["batch_sizes"], "--batch-sizes")
     options["seeds"] = int_list(options["seeds"], "--seeds")
     if resume is not None:
-        config = read_config(resume)
-        if config.get("kind") != "finetune":
-            raise SplError(f"{resume} is not a finetune run")
-        if not (resume / "INCOMPLETE").exists():
-            raise SplError(f"{resume} has finished; nothing to resume")
-        typed = explicit_options(ctx)
-        given = {k: v for k, v in options.items() if k in typed}
-        differences = option_differences(config["settings"], given)
-        if differences:
-            raise SplError(
-                f"--resume {resume} was run with other options:\n  " + "\n  ".join(differences)
-            )
+        config = check_resume(ctx, resume, "finetune", options)
         settings = FinetuneSettings(**config["settings"])
         dataset = Path(config["dataset"])
     else:

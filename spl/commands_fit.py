@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from spl.clitools import config_option, explicit_options, float_list, int_list
+from spl.clitools import check_resume, config_option, float_list, int_list
 from spl.data.common import SplError
 from spl.fit.engine import PAPER_BATCH_SIZES, PAPER_LINEAR_EPOCHS, PAPER_LRS
 from spl.fit.losses import parse_losses
@@ -62,7 +62,7 @@ def fit_linear(ctx: click.Context, dataset: Path | None, tag: str | None, **opti
     25 epochs; per loss, the best val configuration is reported with its test mAP.
     """
     from spl.linear import LinearSettings, run_linear, summary_table
-    from spl.runs import option_differences, read_config, read_csv
+    from spl.runs import read_csv
 
     resume = options.pop("resume")
     quiet = options.pop("quiet")
@@ -84,18 +84,7 @@ def fit_linear(ctx: click.Context, dataset: Path | None, tag: str | None, **opti
         device=options["device"],
     )
     if resume is not None:
-        config = read_config(resume)
-        if config.get("kind") != "linear":
-            raise SplError(f"{resume} is not a fit-linear run")
-        if not (resume / "INCOMPLETE").exists():
-            raise SplError(f"{resume} has finished; nothing to resume")
-        typed = explicit_options(ctx)
-        given = {k: v for k, v in dataclasses.asdict(settings).items() if k in typed}
-        differences = option_differences(config["settings"], given)
-        if differences:
-            raise SplError(
-                f"--resume {resume} was run with other options:\n  " + "\n  ".join(differences)
-            )
+        config = check_resume(ctx, resume, "linear", dataclasses.asdict(settings))
         settings = LinearSettings(**config["settings"])
         dataset, tag = Path(config["dataset"]), config["feature_tag"]
     elif dataset is None or tag is None:

@@ -23,7 +23,6 @@ import torch
 
 from spl.data.common import SplError, write_json_atomic
 from spl.data.prepared import PreparedDataset, load_prepared
-from spl.data.sampling import observed_set_name
 from spl.evaluate import paper
 from spl.evaluate.metrics import average_precision, mean_average_precision, precision_recall_at_k
 from spl.evaluate.selection import format_mean_std, select_best
@@ -40,7 +39,7 @@ from spl.fit.finetune import (
     predict,
     train_epoch,
 )
-from spl.fit.losses import LOSSES, LossOptions, estimator_from_probabilities, estimator_init
+from spl.fit.losses import LOSSES, estimator_from_probabilities, estimator_init
 from spl.runs import (
     append_jsonl,
     command_line,
@@ -53,6 +52,7 @@ from spl.runs import (
     write_config,
     write_csv,
 )
+from spl.settings import LossSettings
 
 PAPER_FINETUNE_EPOCHS = 10
 RESULT_COLUMNS = [
@@ -63,7 +63,7 @@ RESULT_COLUMNS = [
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(LossSettings):
     """One fine-tuning sweep; defaults are the paper's protocol."""
 
     loss: str = "an"
@@ -76,13 +76,6 @@ class FinetuneSettings:
     weights_path: str | None = None
     image_size: int = 448
     init_from: str | None = None
-    observed: str = observed_set_name(1, 0, 1200)
-    observed_iu: str = observed_set_name(1, 1, 1200)
-    label_smoothing: float = 0.1
-    wan_gamma: float | None = None
-    pseudo_negative_fraction: float = 0.5
-    estimator_lr_multiplier: float = 10.0
-    expected_positives: float | None = None
     workers: int | None = None
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
@@ -90,16 +83,6 @@ class FinetuneSettings:
     cache_images: bool = False
     sync_bn: bool = False
     batchnorm: str = "train"  # the paper's; "frozen" keeps the pretrained statistics
-
-    def loss_options(self, prepared: PreparedDataset) -> LossOptions:
-        k = self.expected_positives
-        return LossOptions(
-            expected_positives=prepared.expected_positives if k is None else k,
-            label_smoothing=self.label_smoothing,
-            wan_gamma=self.wan_gamma,
-            pseudo_negative_fraction=self.pseudo_negative_fraction,
-            estimator_lr_multiplier=self.estimator_lr_multiplier,
-        )
 
 
 def config_name(lr: float, batch_size: int, seed: int) -> str:

