@@ -230,7 +230,7 @@ def part_b(args, rows):
             group.weight,
             torch.as_tensor(Yva, dtype=torch.float32, device=full_eval.device_),
         )
-        hist = full_eval._hidden_positive_histogram(group, _aug(Xtr, args.device))
+        hist = full_eval._hidden_positive_histogram(group.weight, _aug(Xtr, args.device))
         eval_seconds = time.perf_counter() - start
         epoch_seconds = step_seconds * (len(Xtr) // bs) + eval_seconds
         per_epoch += epoch_seconds

@@ -12,7 +12,6 @@ The estimator interface follows scikit-learn: ``StackedHeads(...)`` stores optio
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -112,9 +111,12 @@ def _mix(seed: int, epoch: int, stream: int) -> int:
 class _Group:
     """The heads of one (batch size, seed): stacked weights, their Adam, ROLE estimators.
 
-    ``weight`` is ``[H, L, D + 1]``: each head's bias is its last column, matched by a
-    column of ones appended to the features, so one product gives logits and one product
-    gives the gradient of weights and biases together.
+    Weights live in ``weight_t``, ``[n_lrs, D + 1, heads_per_lr * L]``: each head's bias is
+    its last row, matched by a column of ones appended to the features, so one batched
+    product gives all logits and one gives the gradient of weights and biases together.
+    This layout makes the products with a skinny batch (B = 8 or 16) plain GEMMs (about
+    twice as fast on a CPU as the transposed form), and one lr's heads one contiguous block
+    for its fused Adam call. ``weight`` is the same in the head layout ``[H, L, D + 1]``.
     """
 
     def __init__(
@@ -125,10 +127,13 @@ class _Group:
         self.heads = sorted(heads, key=lambda h: (-h.lr, h.loss))
         self.batch_size, self.seed = heads[0].batch_size, heads[0].seed
         n_heads = len(self.heads)
+        self.num_classes = num_classes
+        self.blocks = len({h.lr for h in self.heads})  # the grid gives each lr every loss
         weight, bias = initial_head(num_features, num_classes, self.seed)
         initial = torch.cat([weight, bias[:, None]], dim=1).to(dtype)
-        self.weight = initial.expand(n_heads, *initial.shape).contiguous().to(device)
-        self.weight_grad = torch.zeros_like(self.weight)
+        heads_layout = initial.expand(n_heads, *initial.shape)
+        self.weight_t = _to_blocks(heads_layout, self.blocks).to(device)
+        self.weight_grad_t = torch.zeros_like(self.weight_t)
         specs = [LOSSES[h.loss] for h in self.heads]
         self.weighted_types = sorted(
             {h.loss for h, s in zip(self.heads, specs, strict=True) if s.weights}
@@ -158,7 +163,7 @@ class _Group:
         # CUDA graphs replay optimizer.step(): Adam must keep its step count on the device.
         self.capturable = bool(graphs) and torch.device(device).type == "cuda"
         self.optimizer = self._make_optimizer(options, capturable=self.capturable)
-        self.best_weight = self.weight.clone()
+        self.best_weight = self.weight
         self.best_theta = self.theta.clone() if self.theta is not None else None
         self.best_val = torch.full((n_heads,), -1.0, dtype=torch.float64)
         self.best_epoch = torch.zeros(n_heads, dtype=torch.long)
@@ -167,11 +172,10 @@ class _Group:
 
     def _make_optimizer(self, options: LossOptions, capturable: bool) -> torch.optim.Optimizer:
         groups = []
-        for lr, members in itertools.groupby(enumerate(self.heads), key=lambda e: e[1].lr):
-            index = [i for i, _ in members]
-            lo, hi = index[0], index[-1] + 1
-            param = _view_param(self.weight[lo:hi], self.weight_grad[lo:hi])
-            groups.append({"params": [param], "lr": lr})
+        per_block = len(self.heads) // self.blocks
+        for block in range(self.blocks):
+            param = _view_param(self.weight_t[block], self.weight_grad_t[block])
+            groups.append({"params": [param], "lr": self.heads[block * per_block].lr})
         for slot, head_index in enumerate(self.role):
             # ROLE's estimator learns at lr x multiplier (10 in the paper). Adam on theta is
             # dense: once a row has a gradient its moments keep moving it on every step,
@@ -179,7 +183,12 @@ class _Group:
             lr = self.heads[head_index].lr * options.estimator_lr_multiplier
             param = _view_param(self.theta[slot], self.theta_grad[slot])
             groups.append({"params": [param], "lr": lr})
-        return _adam(groups, self.weight.device, capturable)
+        return _adam(groups, self.weight_t.device, capturable)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weights in the head layout ``[H, L, D + 1]`` (a copy)."""
+        return _to_heads(self.weight_t, self.num_classes)
 
     def state_dict(self) -> dict:
         """A copy on the CPU (a snapshot: training on does not change it)."""
@@ -201,7 +210,7 @@ class _Group:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.weight.copy_(state["weight"])
+        self.weight_t.copy_(_to_blocks(state["weight"].to(self.weight_t), self.blocks))
         if self.theta is not None:
             self.theta.copy_(state["theta"])
             self.best_theta.copy_(state["best_theta"])
@@ -212,6 +221,22 @@ class _Group:
         self.best_val.copy_(state["best_val"])
         self.best_epoch.copy_(state["best_epoch"])
         self.epochs_done = int(state["epochs_done"])
+
+
+def _to_blocks(weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Head layout ``[H, L, D + 1]`` to block layout ``[blocks, D + 1, H / blocks * L]``."""
+    n_heads, num_classes, width = weight.shape
+    per = n_heads // blocks
+    grouped = weight.reshape(blocks, per, num_classes, width).permute(0, 3, 1, 2)
+    return grouped.reshape(blocks, width, per * num_classes).contiguous()
+
+
+def _to_heads(weight_t: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Block layout back to the head layout ``[H, L, D + 1]``."""
+    blocks, width, columns = weight_t.shape
+    per = columns // num_classes
+    heads = weight_t.view(blocks, width, per, num_classes).permute(0, 2, 3, 1)
+    return heads.reshape(blocks * per, num_classes, width)
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -472,12 +497,14 @@ class StackedHeads:
         """
         data, options = self._data, self.options
         x = data["X"].index_select(0, rows)  # [B, D + 1], ones column last
-        n_heads, num_classes, _ = group.weight.shape
+        blocks, _, columns = group.weight_t.shape
+        num_classes = group.num_classes
+        n_heads = blocks * columns // num_classes
         batch = x.shape[0]
         scale = 1.0 / (batch * num_classes)
-        logits = (x @ group.weight.view(n_heads * num_classes, -1).t()).view(
-            batch, n_heads, num_classes
-        )
+        logits = torch.matmul(x, group.weight_t)  # [blocks, B, per * L]
+        logits = logits.view(blocks, batch, -1, num_classes).transpose(0, 1)
+        logits = logits.reshape(batch, n_heads, num_classes)
         p = torch.sigmoid(logits)
         pos_w = torch.zeros_like(p)
         neg_w = torch.zeros_like(p)
@@ -520,7 +547,8 @@ class StackedHeads:
                 e_grad * scale + (2 * 0.5 * (e_count - k) / (num_classes**2 * batch))[:, None] * e_s
             )
             group.theta_grad.index_copy_(1, rows, e_grad.transpose(0, 1))
-        torch.mm(grad.view(batch, -1).t(), x, out=group.weight_grad.view(n_heads * num_classes, -1))
+        grad_t = grad.view(batch, blocks, columns).transpose(0, 1)  # [blocks, B, per * L]
+        torch.matmul(x.t(), grad_t, out=group.weight_grad_t)
         group.optimizer.step()
         if group.role:
             group.theta_grad.index_fill_(1, rows, 0)  # the estimator's gradient lives on batch rows
@@ -548,11 +576,12 @@ class StackedHeads:
 
     @torch.no_grad()
     def _validate(self, group: _Group, X, X_val, Y_val) -> dict:
-        val_map = self._map(X_val, group.weight, Y_val)
+        weight = group.weight  # the head layout, once per epoch
+        val_map = self._map(X_val, weight, Y_val)
         improved = val_map > group.best_val  # ties keep the earlier epoch
         if improved.any():
-            index = torch.nonzero(improved).flatten().to(group.weight.device)
-            group.best_weight[index] = group.weight[index]
+            index = torch.nonzero(improved).flatten().to(group.weight_t.device)
+            group.best_weight[index] = weight[index]
             group.best_val[improved] = val_map[improved]
             group.best_epoch[improved] = group.epochs_done
             if group.theta is not None:
@@ -561,7 +590,7 @@ class StackedHeads:
                         group.best_theta[slot] = group.theta[slot]
         record = {"val_map": val_map}
         if self.histogram_bins:
-            record["histogram"] = self._hidden_positive_histogram(group, X)
+            record["histogram"] = self._hidden_positive_histogram(weight, X)
             if group.theta is not None:
                 probs = torch.sigmoid(group.theta)
                 record["estimator_histogram"] = probability_histogram(
@@ -570,19 +599,19 @@ class StackedHeads:
         return record
 
     @torch.no_grad()
-    def _hidden_positive_histogram(self, group: _Group, X) -> np.ndarray:
+    def _hidden_positive_histogram(self, weight: torch.Tensor, X) -> np.ndarray:
         """Histogram of predicted probabilities on unobserved positives (y=1, z=0), per head.
 
         Only those entries are scored: per class, the rows where it is a hidden positive.
         """
         bins = self.histogram_bins
-        counts = torch.zeros(group.weight.shape[0], bins, dtype=torch.long, device=X.device)
+        counts = torch.zeros(weight.shape[0], bins, dtype=torch.long, device=X.device)
         mask = self.hidden_positive_mask_
         for cls in range(mask.shape[1]):
             rows = torch.nonzero(mask[:, cls]).flatten()
             if len(rows) == 0:
                 continue
-            logits = X.index_select(0, rows) @ group.weight[:, cls].t()  # [rows, H]
+            logits = X.index_select(0, rows) @ weight[:, cls].t()  # [rows, H]
             index = (torch.sigmoid(logits) * bins).long().clamp_(0, bins - 1)
             counts += torch.nn.functional.one_hot(index, bins).sum(0)
         return counts.cpu().numpy()
