@@ -232,11 +232,15 @@ def _to_blocks(weight: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 def _to_heads(weight_t: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Block layout back to the head layout ``[H, L, D + 1]``."""
+    """Block layout back to the head layout ``[H, L, D + 1]``, always as a new tensor (a
+    reshape would alias the live weights when there is a single block)."""
     blocks, width, columns = weight_t.shape
     per = columns // num_classes
-    heads = weight_t.view(blocks, width, per, num_classes).permute(0, 2, 3, 1)
-    return heads.reshape(blocks * per, num_classes, width)
+    out = weight_t.new_empty(blocks * per, num_classes, width)
+    out.view(blocks, per, num_classes, width).copy_(
+        weight_t.view(blocks, width, per, num_classes).permute(0, 2, 3, 1)
+    )
+    return out
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
