@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from spl.evaluate.metrics import mean_average_precision, probability_histogram
+from spl.fit import fused
 from spl.fit.losses import (
     LOG_EPSILON,
     LOSSES,
@@ -120,7 +121,16 @@ class _Group:
     """
 
     def __init__(
-        self, heads, num_features, num_classes, observed, options, device, dtype, graphs=False
+        self,
+        heads,
+        num_features,
+        num_classes,
+        observed,
+        options,
+        device,
+        dtype,
+        graphs=False,
+        compiled=True,
     ):
         # Heads sorted by lr: each lr's heads form one contiguous block of the stacked
         # weights, so one fused Adam call (one param group) updates the block in place.
@@ -163,6 +173,17 @@ class _Group:
         # CUDA graphs replay optimizer.step(): Adam must keep its step count on the device.
         self.capturable = bool(graphs) and torch.device(device).type == "cuda"
         self.optimizer = self._make_optimizer(options, capturable=self.capturable)
+        # On a CPU, one compiled pass forms the weight gradient and applies Adam (fused.py).
+        self.compiled = (
+            compiled
+            and not self.capturable
+            and bool(self.optimizer.param_groups[0].get("fused"))
+            and fused.enabled(self.weight_t.device)
+        )
+        if self.compiled:
+            self.exp_avg_t = torch.zeros_like(self.weight_t)
+            self.exp_avg_sq_t = torch.zeros_like(self.weight_t)
+            self._bind_moments()
         self.best_weight = self.weight
         self.best_theta = self.theta.clone() if self.theta is not None else None
         self.best_val = torch.full((n_heads,), -1.0, dtype=torch.float64)
@@ -185,14 +206,61 @@ class _Group:
             groups.append({"params": [param], "lr": lr})
         return _adam(groups, self.weight_t.device, capturable)
 
-    def adam_step(self) -> None:
+    def _bind_moments(self) -> None:
+        """Adam's state created up front, with the weight blocks' moments as views of two
+        stacked tensors that the compiled update reads and writes in one pass; torch.optim
+        (checkpoints, the eager fallback) sees the very same state."""
+        optimizer = self.optimizer
+        for block, group in enumerate(optimizer.param_groups):
+            param = group["params"][0]
+            state = optimizer.state[param]
+            if not state:  # what torch.optim.Adam(fused=True) creates on its first step
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+            if block < self.blocks:
+                for key, stacked in (
+                    ("exp_avg", self.exp_avg_t),
+                    ("exp_avg_sq", self.exp_avg_sq_t),
+                ):
+                    stacked[block].copy_(state[key])
+                    state[key] = stacked[block]
+
+    def update(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """Adam step of every head from the batch ``x [B, D + 1]`` and the logit gradients
+        ``grad_out [blocks, B, per * L]``, the estimators' gradients already in place."""
+        if self.compiled:
+            groups = self.optimizer.param_groups[: self.blocks]
+            states = [self.optimizer.state[g["params"][0]] for g in groups]
+            step = int(states[0]["step"].item()) + 1
+            (beta1, beta2), eps = groups[0]["betas"], groups[0]["eps"]
+            # In float64 first, as torch's fused kernel computes them.
+            step_size = [g["lr"] / (1 - beta1**step) for g in groups]
+            done = fused.weight_update(
+                x, grad_out, self.weight_t, self.exp_avg_t, self.exp_avg_sq_t,
+                torch.tensor(step_size, dtype=self.weight_t.dtype).view(-1, 1, 1),
+                math.sqrt(1 - beta2**step), (beta1, beta2), eps,
+            )  # fmt: skip
+            if done:
+                torch._foreach_add_([s["step"] for s in states], 1)
+                self.adam_step(first=self.blocks)  # ROLE's estimators
+                return
+            self.compiled = False
+        torch.matmul(x.t(), grad_out, out=self.weight_grad_t)
+        self.adam_step()
+
+    def adam_step(self, first: int = 0) -> None:
         """``optimizer.step()`` without its per-call Python bookkeeping, which costs about as
         much as the update itself at batch 8 on a CPU: the same fused kernel on the same
-        state (so checkpoints and the torch.optim parity test still hold)."""
+        state (so checkpoints and the torch.optim parity test still hold). Param groups
+        before ``first`` are skipped (the compiled update did them)."""
         optimizer = self.optimizer
         groups = optimizer.param_groups
         if self.capturable or not groups[0].get("fused") or not optimizer.state:
             optimizer.step()  # CUDA graphs, the foreach fallback, and the state's creation
+            return
+        groups = groups[first:]
+        if not groups:
             return
         states = [optimizer.state[g["params"][0]] for g in groups]
         torch._foreach_add_([s["step"] for s in states], 1)
@@ -247,6 +315,8 @@ class _Group:
         self.optimizer.load_state_dict(state["adam"])  # casts moments to the device
         for group in self.optimizer.param_groups:  # a checkpoint may come from the CPU
             group["capturable"] = self.capturable
+        if self.compiled:
+            self._bind_moments()
         self.best_weight.copy_(state["best_weight"])
         self.best_val.copy_(state["best_val"])
         self.best_epoch.copy_(state["best_epoch"])
@@ -582,8 +652,7 @@ class StackedHeads:
             )
             group.theta_grad.index_copy_(1, rows, e_grad.transpose(0, 1))
         grad_t = grad.view(batch, blocks, columns).transpose(0, 1)  # [blocks, B, per * L]
-        torch.matmul(x.t(), grad_t, out=group.weight_grad_t)
-        group.adam_step()
+        group.update(x, grad_t)
         if group.role:
             group.theta_grad.index_fill_(1, rows, 0)  # the estimator's gradient lives on batch rows
         group.loss_sum += per_head.detach()

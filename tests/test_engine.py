@@ -1,11 +1,14 @@
 """The stacked engine against each head trained alone with torch.optim.Adam in a plain loop."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from spl.data.sampling import observe_uniform
 from spl.evaluate.metrics import mean_average_precision
+from spl.fit import fused
 from spl.fit.engine import (
     StackedHeads,
     epoch_batches,
@@ -67,8 +70,10 @@ def _data():
     return X, labels, observed, observed_iu
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-update", "eager-update"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_engine_equals_heads_trained_alone(dtype, tol):
+def test_engine_equals_heads_trained_alone(dtype, tol, compiled, monkeypatch):
+    monkeypatch.setenv("SPL_COMPILE", "1" if compiled else "0")
     X, labels, observed, observed_iu = _data()
     options = LossOptions(expected_positives=1.6)
     losses = list(LOSSES)
@@ -83,6 +88,8 @@ def test_engine_equals_heads_trained_alone(dtype, tol):
         dtype=dtype,
     ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu)
     assert len(model.heads_) == len(losses) * 4
+    # PR's group has autograd heads too; the weight update is the compiled one either way.
+    assert [g.compiled for g in model.groups_] == [compiled] * 2
     for group in model.groups_:
         for index, head in enumerate(group.heads):
             weight, bias, theta = plain_loop(
@@ -165,3 +172,53 @@ def test_refusals():
         StackedHeads(losses=["an"], lrs=[1e-3], batch_sizes=[200], epochs=1).fit(
             X, observed, labels=labels, X_val=X, Y_val=labels
         )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
+def test_compiled_update_equals_torch_fused_adam(dtype, tol):
+    """fused.weight_update forms x^T G inside the update; torch.optim.Adam gets it explicitly."""
+    gen = torch.Generator().manual_seed(0)
+    blocks, batch, width, columns, lrs = 3, 8, 33, 12, [1e-2, 1e-3, 1e-4]
+    weight = torch.randn(blocks, width, columns, generator=gen, dtype=dtype)
+    start = weight.clone()
+    params = [torch.nn.Parameter(weight[b].clone()) for b in range(blocks)]
+    reference = torch.optim.Adam(
+        [{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)], fused=True
+    )
+    exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
+    for step in range(1, 41):
+        x = torch.randn(batch, width, generator=gen, dtype=dtype)
+        grad_out = torch.randn(blocks, batch, columns, generator=gen, dtype=dtype) * 0.01
+        for b, param in enumerate(params):
+            param.grad = x.t() @ grad_out[b]
+        reference.step()
+        step_size = torch.tensor([lr / (1 - 0.9**step) for lr in lrs], dtype=dtype)
+        assert fused.weight_update(
+            x, grad_out, weight, exp_avg, exp_avg_sq, step_size.view(-1, 1, 1),
+            math.sqrt(1 - 0.999**step), (0.9, 0.999), 1e-8,
+        )  # fmt: skip
+    expected = torch.stack([p.detach() for p in params])
+    assert (expected - weight).abs().max() <= tol
+    assert (expected - start).abs().max() > 1e-2  # the weights did move
+
+
+def test_failed_compilation_falls_back_to_the_eager_update(monkeypatch):
+    X, labels, observed, observed_iu = _data()
+
+    def fit():
+        return StackedHeads(
+            losses=["an", "role"], lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=2, device="cpu"
+        ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40])
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setenv("SPL_COMPILE", "0")
+    eager = fit()
+    monkeypatch.setenv("SPL_COMPILE", "1")
+    monkeypatch.setattr(fused, "_compiled", no_compiler)
+    monkeypatch.setattr(fused, "_broken", False)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        fallen_back = fit()
+    assert fused._broken and not any(g.compiled for g in fallen_back.groups_)
+    torch.testing.assert_close(fallen_back.coef_, eager.coef_, rtol=0, atol=0)

@@ -1,0 +1,100 @@
+"""The linear engine's CPU weight update as one compiled pass over memory.
+
+On a CPU a step of the stacked heads is bound by memory traffic, not arithmetic: the
+weight gradient is written out by one product and read back by Adam, which then reads
+and writes the weights and both moments. The gradient of a batch is rank B (``x^T G``
+with B = 8 or 16 rows), so it can be formed on the fly inside the update instead:
+one pass reads the weights and moments once and writes them once. torch.compile turns
+:func:`_update` into that single loop; the arithmetic follows torch's fused Adam kernel
+(lerp for the first moment, bias corrections as step size and sqrt), so the weights
+match ``torch.optim.Adam`` to rounding.
+
+When compilation is unavailable (no C++ compiler, an unsupported platform) or disabled
+with ``SPL_COMPILE=0``, the engine keeps its eager path: a product then the fused kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+
+_compiled = None
+_broken = False
+
+
+def _update(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step_size: torch.Tensor,
+    bias_correction2_sqrt: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    # grad[k, d, c] = sum_b x[b, d] * grad_out[k, b, c], never stored.
+    grad = (x.t()[None, :, :, None] * grad_out[:, None, :, :]).sum(2)
+    m = exp_avg.lerp(grad, 1 - beta1)
+    v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    weight.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
+
+
+def _compile():
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on machines without CUDA
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+    return torch.compile(_update, dynamic=None)
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether the compiled update is worth trying here (CPU only: on CUDA the engine
+    replays CUDA graphs, where the step's launch overhead, not its traffic, dominated)."""
+    if device.type != "cpu" or _broken:
+        return False
+    return os.environ.get("SPL_COMPILE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def weight_update(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step_size: torch.Tensor,
+    bias_correction2_sqrt: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> bool:
+    """One Adam step of the stacked weights ``[blocks, D + 1, C]`` from the logit
+    gradients ``grad_out [blocks, B, C]`` and the batch ``x [B, D + 1]``; ``step_size``
+    is ``lr / (1 - beta1^t)`` per block, ``[blocks, 1, 1]``. Returns False (and changes
+    nothing) when compilation fails, so the caller falls back to the eager update."""
+    global _compiled, _broken
+    if _compiled is None:
+        _compiled = _compile()
+    try:
+        _compiled(
+            x, grad_out, weight, exp_avg, exp_avg_sq, step_size,
+            torch.tensor(bias_correction2_sqrt, dtype=weight.dtype), betas[0], betas[1], eps,
+        )  # fmt: skip
+    except Exception as exc:  # compilation problems surface as many exception types
+        _broken = True
+        warnings.warn(
+            f"spl: the compiled CPU update is unavailable ({type(exc).__name__}: {exc}); "
+            "training with the eager update (same results, slower). Set SPL_COMPILE=0 to "
+            "skip the attempt.",
+            stacklevel=2,
+        )
+        return False
+    return True
