@@ -2,7 +2,8 @@
 
 Heads that share a batch size and a seed form a *group*: they see the same batches, so one
 matrix product computes all their logits, one product all their weight gradients, and one
-fused Adam call per learning rate updates them. Features sit on the device once. Val mAP
+fused Adam call per learning rate updates them (on a CPU, one compiled pass forms the
+gradient inside the update: fused.py). Features sit on the device once. Val mAP
 is computed for every head after every epoch; each head keeps its best-epoch weights; the
 test split is scored once, with those weights (paper.md section 5).
 
