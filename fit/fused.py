@@ -1,4 +1,5 @@
-"""The linear engine's CPU weight update as one compiled pass over memory.
+"""The linear engine's CPU step compiled: the weight update as one pass over memory, and
+the loss arithmetic of a batch as a few loops instead of ~80 small kernels.
 
 On a CPU a step of the stacked heads is bound by memory traffic, not arithmetic: the
 weight gradient is written out by one product and read back by Adam, which then reads
@@ -10,7 +11,8 @@ one pass reads the weights and moments once and writes them once. torch.compile 
 match ``torch.optim.Adam`` to rounding.
 
 When compilation is unavailable (no C++ compiler, an unsupported platform) or disabled
-with ``SPL_COMPILE=0``, the engine keeps its eager path: a product then the fused kernel.
+with ``SPL_COMPILE=0``, the engine keeps its eager path: the same functions run eagerly,
+and the update is a product followed by torch's fused Adam kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 _compiled = None
 _broken = False
+_functions: dict = {}
 
 
 def _update(
@@ -46,7 +49,7 @@ def _update(
     weight.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
 
 
-def _compile():
+def _compile(function=None):
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on machines without CUDA
@@ -54,7 +57,7 @@ def _compile():
         import torch.utils.cpp_extension  # noqa: F401
     finally:
         logger.setLevel(level)
-    return torch.compile(_update, dynamic=None)
+    return torch.compile(function or _update, dynamic=None)
 
 
 def enabled(device: torch.device) -> bool:
@@ -63,6 +66,29 @@ def enabled(device: torch.device) -> bool:
     if device.type != "cpu" or _broken:
         return False
     return os.environ.get("SPL_COMPILE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _give_up(exc: Exception) -> None:
+    global _broken
+    _broken = True
+    warnings.warn(
+        f"spl: compiled CPU steps are unavailable ({type(exc).__name__}: {exc}); "
+        "training eagerly (same results, slower). Set SPL_COMPILE=0 to skip the attempt.",
+        stacklevel=3,
+    )
+
+
+def run(function, *args):
+    """``function(*args)``, compiled while compilation works, else eagerly."""
+    if not _broken:
+        compiled = _functions.get(function)
+        if compiled is None:
+            compiled = _functions[function] = _compile(function)
+        try:
+            return compiled(*args)
+        except Exception as exc:  # compilation problems surface as many exception types
+            _give_up(exc)
+    return function(*args)
 
 
 def weight_update(
@@ -80,7 +106,9 @@ def weight_update(
     gradients ``grad_out [blocks, B, C]`` and the batch ``x [B, D + 1]``; ``step_size``
     is ``lr / (1 - beta1^t)`` per block, ``[blocks, 1, 1]``. Returns False (and changes
     nothing) when compilation fails, so the caller falls back to the eager update."""
-    global _compiled, _broken
+    global _compiled
+    if _broken:
+        return False
     if _compiled is None:
         _compiled = _compile()
     try:
@@ -89,12 +117,6 @@ def weight_update(
             torch.tensor(bias_correction2_sqrt, dtype=weight.dtype), betas[0], betas[1], eps,
         )  # fmt: skip
     except Exception as exc:  # compilation problems surface as many exception types
-        _broken = True
-        warnings.warn(
-            f"spl: the compiled CPU update is unavailable ({type(exc).__name__}: {exc}); "
-            "training with the eager update (same results, slower). Set SPL_COMPILE=0 to "
-            "skip the attempt.",
-            stacklevel=2,
-        )
+        _give_up(exc)
         return False
     return True

@@ -216,7 +216,10 @@ def test_failed_compilation_falls_back_to_the_eager_update(monkeypatch):
     monkeypatch.setenv("SPL_COMPILE", "0")
     eager = fit()
     monkeypatch.setenv("SPL_COMPILE", "1")
-    monkeypatch.setattr(fused, "_compiled", no_compiler)
+    # What a machine without a working compiler sees: the first compiled call raises.
+    monkeypatch.setattr(fused, "_compile", lambda function=None: no_compiler)
+    monkeypatch.setattr(fused, "_compiled", None)
+    monkeypatch.setattr(fused, "_functions", {})
     monkeypatch.setattr(fused, "_broken", False)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         fallen_back = fit()
