@@ -176,10 +176,7 @@ class _Group:
         self.optimizer = self._make_optimizer(options, capturable=self.capturable)
         # On a CPU, one compiled pass forms the weight gradient and applies Adam (fused.py).
         self.compiled = (
-            compiled
-            and not self.capturable
-            and bool(self.optimizer.param_groups[0].get("fused"))
-            and fused.enabled(self.weight_t.device)
+            compiled and not self.capturable and bool(self.optimizer.param_groups[0].get("fused"))
         )
         if self.compiled:
             self.exp_avg_t = torch.zeros_like(self.weight_t)
@@ -523,9 +520,12 @@ class StackedHeads:
         for seed in self.seeds:
             for bs in self.batch_sizes:
                 heads = [HeadConfig(loss, lr, bs, seed) for lr in self.lrs for loss in self.losses]
+                # Weight entries times steps: compiling pays off only for large sweeps.
+                work = (num_features + 1) * num_classes * len(heads)
+                work *= (num_rows // bs) * self.epochs
                 group = _Group(
                     heads, num_features, num_classes, observed, self.options, device, dtype,
-                    graphs=self.cuda_graphs,
+                    graphs=self.cuda_graphs, compiled=fused.enabled(device, work),
                 )  # fmt: skip
                 self.groups_.append(group)
                 self.heads_.extend(group.heads)

@@ -225,3 +225,19 @@ def test_failed_compilation_falls_back_to_the_eager_update(monkeypatch):
         fallen_back = fit()
     assert fused._broken and not any(g.compiled for g in fallen_back.groups_)
     torch.testing.assert_close(fallen_back.coef_, eager.coef_, rtol=0, atol=0)
+
+
+def test_compiling_is_automatic_only_for_large_sweeps(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SPL_COMPILE", raising=False)
+    assert fused.enabled(cpu, fused.AUTO_MIN_WORK)
+    assert not fused.enabled(cpu, fused.AUTO_MIN_WORK - 1)
+    assert not fused.enabled(torch.device("cuda"), 1e15)  # CUDA replays graphs instead
+    X, labels, observed, _ = _data()
+    small = StackedHeads(losses=["an"], lrs=[1e-3], batch_sizes=[8], epochs=1, device="cpu")
+    small.fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40])
+    assert not small.groups_[0].compiled  # 120 rows: eager
+    monkeypatch.setenv("SPL_COMPILE", "0")
+    assert not fused.enabled(cpu, 1e15)
+    monkeypatch.setenv("SPL_COMPILE", "1")
+    assert fused.enabled(cpu, 0)
