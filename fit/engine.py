@@ -234,10 +234,11 @@ class _Group:
             (beta1, beta2), eps = groups[0]["betas"], groups[0]["eps"]
             # In float64 first, as torch's fused kernel computes them.
             step_size = [g["lr"] / (1 - beta1**step) for g in groups]
-            done = fused.weight_update(
-                x, grad_out, self.weight_t, self.exp_avg_t, self.exp_avg_sq_t,
-                torch.tensor(step_size, dtype=self.weight_t.dtype).view(-1, 1, 1),
-                math.sqrt(1 - beta2**step), (beta1, beta2), eps,
+            dtype = self.weight_t.dtype
+            done = fused.attempt(
+                fused.adam_update, x, grad_out, self.weight_t, self.exp_avg_t, self.exp_avg_sq_t,
+                torch.tensor(step_size, dtype=dtype).view(-1, 1, 1),
+                torch.tensor(math.sqrt(1 - beta2**step), dtype=dtype), beta1, beta2, eps,
             )  # fmt: skip
             if done:
                 torch._foreach_add_([s["step"] for s in states], 1)

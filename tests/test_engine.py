@@ -134,7 +134,9 @@ def test_best_epoch_weights_score_as_recorded(lrs):
     assert model.estimator_probabilities(role).shape == labels.shape
 
 
-def test_resume_gives_the_uninterrupted_result():
+@pytest.mark.parametrize("compiled", ["1", "0"], ids=["compiled-update", "eager-update"])
+def test_resume_gives_the_uninterrupted_result(compiled, monkeypatch):
+    monkeypatch.setenv("SPL_COMPILE", compiled)
     X, labels, observed, _ = _data()
     Xv, Yv = synthetic(n=60, seed=1)
     kwargs = dict(
@@ -176,7 +178,7 @@ def test_refusals():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
 def test_compiled_update_equals_torch_fused_adam(dtype, tol):
-    """fused.weight_update forms x^T G inside the update; torch.optim.Adam gets it explicitly."""
+    """fused.adam_update forms x^T G inside the update; torch.optim.Adam gets it explicitly."""
     gen = torch.Generator().manual_seed(0)
     blocks, batch, width, columns, lrs = 3, 8, 33, 12, [1e-2, 1e-3, 1e-4]
     weight = torch.randn(blocks, width, columns, generator=gen, dtype=dtype)
@@ -193,9 +195,9 @@ def test_compiled_update_equals_torch_fused_adam(dtype, tol):
             param.grad = x.t() @ grad_out[b]
         reference.step()
         step_size = torch.tensor([lr / (1 - 0.9**step) for lr in lrs], dtype=dtype)
-        assert fused.weight_update(
-            x, grad_out, weight, exp_avg, exp_avg_sq, step_size.view(-1, 1, 1),
-            math.sqrt(1 - 0.999**step), (0.9, 0.999), 1e-8,
+        assert fused.attempt(
+            fused.adam_update, x, grad_out, weight, exp_avg, exp_avg_sq, step_size.view(-1, 1, 1),
+            torch.tensor(math.sqrt(1 - 0.999**step), dtype=dtype), 0.9, 0.999, 1e-8,
         )  # fmt: skip
     expected = torch.stack([p.detach() for p in params])
     assert (expected - weight).abs().max() <= tol
@@ -217,8 +219,7 @@ def test_failed_compilation_falls_back_to_the_eager_update(monkeypatch):
     eager = fit()
     monkeypatch.setenv("SPL_COMPILE", "1")
     # What a machine without a working compiler sees: the first compiled call raises.
-    monkeypatch.setattr(fused, "_compile", lambda function=None: no_compiler)
-    monkeypatch.setattr(fused, "_compiled", None)
+    monkeypatch.setattr(fused, "_compile", lambda function: no_compiler)
     monkeypatch.setattr(fused, "_functions", {})
     monkeypatch.setattr(fused, "_broken", False)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
