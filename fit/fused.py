@@ -59,18 +59,29 @@ def adam_update(
     weight.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
 
 
+def setting() -> str:
+    """``SPL_COMPILE`` as ``auto`` (the default), ``on`` or ``off``; anything else is an
+    error (checked before a run directory is made)."""
+    value = os.environ.get("SPL_COMPILE", "auto").strip().lower()
+    if value in {"0", "false", "no", "off"}:
+        return "off"
+    if value in {"1", "true", "yes", "on"}:
+        return "on"
+    if value != "auto":
+        from spl.data.common import SplError
+
+        raise SplError(f"SPL_COMPILE={value!r}: use auto (the default), 1 or 0")
+    return "auto"
+
+
 def enabled(device: torch.device, work: float) -> bool:
-    """Whether to compile a group's steps: ``SPL_COMPILE`` = ``auto`` (the default: when
-    ``work``, weight entries x training steps, reaches AUTO_MIN_WORK), ``1`` or ``0``.
-    CPU only: on CUDA the engine replays CUDA graphs."""
+    """Whether to compile a group's steps: with ``SPL_COMPILE=auto``, when ``work`` (weight
+    entries x training steps) reaches AUTO_MIN_WORK. CPU only: on CUDA the engine replays
+    CUDA graphs."""
     if device.type != "cpu" or _broken:
         return False
-    setting = os.environ.get("SPL_COMPILE", "auto").strip().lower()
-    if setting in {"0", "false", "no", "off"}:
-        return False
-    if setting in {"1", "true", "yes", "on"}:
-        return True
-    return work >= AUTO_MIN_WORK
+    chosen = setting()
+    return chosen == "on" or (chosen == "auto" and work >= AUTO_MIN_WORK)
 
 
 def _compile(function: Callable) -> Callable:

@@ -16,6 +16,7 @@ from spl.evaluate import paper
 from spl.evaluate.metrics import average_precision, mean_average_precision, precision_recall_at_k
 from spl.evaluate.selection import format_mean_std, select_best
 from spl.extract.features import FeatureSet, load_features
+from spl.fit import fused
 from spl.fit.engine import (
     PAPER_BATCH_SIZES,
     PAPER_LINEAR_EPOCHS,
@@ -139,6 +140,7 @@ def run_linear(
     feature_set = load_features(prepared, tag)
     data = split_data(prepared, feature_set, settings)
     options = settings.loss_options(prepared)
+    fused.setting()  # a bad SPL_COMPILE fails here, before a run directory exists
     if resume is None:
         run_dir = new_run_dir(Path(out_root) / prepared.name / tag, "linear")
         config = {

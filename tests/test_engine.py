@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from spl.data.common import SplError
 from spl.data.sampling import observe_uniform
 from spl.evaluate.metrics import mean_average_precision
 from spl.fit import fused
@@ -242,3 +243,6 @@ def test_compiling_is_automatic_only_for_large_sweeps(monkeypatch):
     assert not fused.enabled(cpu, 1e15)
     monkeypatch.setenv("SPL_COMPILE", "1")
     assert fused.enabled(cpu, 0)
+    monkeypatch.setenv("SPL_COMPILE", "fast")
+    with pytest.raises(SplError, match="SPL_COMPILE='fast': use auto"):
+        fused.enabled(cpu, 0)

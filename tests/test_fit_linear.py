@@ -186,6 +186,15 @@ def test_iu_without_negatives_explains_which_set(imported, tmp_path, runner):
     assert "uniform-p1-n1-s1200" in result.output
 
 
+def test_bad_compile_setting_is_refused_before_a_run_exists(
+    imported, tmp_path, runner, monkeypatch
+):
+    monkeypatch.setenv("SPL_COMPILE", "fast")
+    result = _fit(runner, imported, tmp_path / "runs", "--epochs", 1, ok=False)
+    assert "SPL_COMPILE='fast': use auto (the default), 1 or 0" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_split_smaller_than_batch_is_an_error(imported, tmp_path, runner):
     result = _fit(runner, imported, tmp_path / "runs", "--batch-sizes", "500", ok=False)
     assert "fewer than batch size 500" in result.output
