@@ -13,8 +13,23 @@ from pathlib import Path, PurePosixPath
 class SplError(Exception):
     """Bad input or a refused operation; the message names the file or row and the fix.
 
-    The command line prints it without a traceback.
+    The command line prints it without a traceback. Raised inside a DataLoader worker, it
+    comes back to the main process as ``type(exc)(text)`` with torch's "Caught ... in
+    DataLoader worker process N. Original Traceback ..." around the original line: the
+    constructor keeps only that line, so the user still reads one message.
     """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(_unwrap_worker_text(type(self), str(message)))
+
+
+def _unwrap_worker_text(cls: type, text: str) -> str:
+    """The original message inside torch's worker re-raise text (``text`` itself if none)."""
+    if not text.startswith(f"Caught {cls.__name__} ") or "\nOriginal Traceback" not in text:
+        return text
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker) :].rstrip("\n") if at >= 0 else text
 
 
 @contextlib.contextmanager

@@ -9,12 +9,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from spl.data import protocol
 from spl.data.common import SplError, safe_relative
 from spl.data.prepared import PreparedDataset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_SIZE = 448
+IMAGENET_MEAN = protocol.IMAGENET_MEAN
+IMAGENET_STD = protocol.IMAGENET_STD
+DEFAULT_IMAGE_SIZE = protocol.IMAGE_SIZE
+
+
+class ImageError(SplError):
+    """An image file that cannot be read; the message names its path."""
 
 
 def build_transform(
@@ -35,16 +40,17 @@ def build_transform(
 
 
 def load_rgb(path: Path):
-    """Decode an image file to RGB; a missing or corrupt file raises with its path."""
+    """Decode an image file to RGB; a missing or corrupt file raises :class:`ImageError`
+    with its path."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError as exc:
-        raise SplError(f"image not found: {path}") from exc
+        raise ImageError(f"image not found: {path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SplError(f"cannot decode image {path}: {exc}") from exc
+        raise ImageError(f"cannot decode image {path}: {exc}") from exc
 
 
 def split_arrays(
@@ -106,7 +112,7 @@ class ImageDataset(Dataset):
         try:
             image = load_rgb(self.path(index))
         except SplError as exc:
-            raise SplError(
+            raise ImageError(
                 f"{self.split} split, {self.source} row {self.rows[index]}: {exc}"
             ) from exc
         if self.transform is not None:

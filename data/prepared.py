@@ -27,6 +27,8 @@ from spl.data.common import SplError, atomic_path, fingerprint_strings, plain
 from spl.data.sampling import (
     DEFAULT_SEED,
     DEFAULT_VAL_FRACTION,
+    check_fraction,
+    check_observed_counts,
     observe_uniform,
     observed_set_name,
     split_train_val,
@@ -164,9 +166,15 @@ def write_prepared(
     drop_unlabeled: bool = False,
     force: bool = False,
 ) -> PreparedDataset:
-    """Split, sample the observed labels and write ``labels.h5`` atomically."""
+    """Split, sample the observed labels and write ``labels.h5`` atomically.
+
+    Options are checked before anything is written, so a bad one leaves no file behind.
+    """
     if observed_sets is None:
         observed_sets = [(1, 0, DEFAULT_SEED), (1, 1, DEFAULT_SEED)]
+    for num_pos, num_neg, _ in observed_sets:
+        check_observed_counts(num_pos, num_neg)
+    check_fraction(val_fraction, "--val-fraction")
     images = {src: list(raw.images[src]) for src in SOURCES}
     labels = {src: np.asarray(raw.labels[src], dtype=np.uint8) for src in SOURCES}
     dropped = 0
@@ -244,6 +252,7 @@ def add_observed_set(
     """Add an observed-label set to an existing labels.h5 (copy, add, rename: atomic)."""
     import shutil
 
+    check_observed_counts(num_pos, num_neg)
     path = labels_path(dataset_dir)
     prepared = load_prepared(dataset_dir)
     name = observed_set_name(num_pos, num_neg, seed)

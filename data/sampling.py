@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
-DEFAULT_SEED = 1200
-DEFAULT_VAL_FRACTION = 0.2
+from spl.data.common import SplError
+from spl.data.protocol import LABEL_SEED, SPLIT_SEED, VAL_FRACTION, observed_set_name
+
+DEFAULT_SEED = LABEL_SEED
+DEFAULT_VAL_FRACTION = VAL_FRACTION
+__all__ = [
+    "DEFAULT_SEED", "DEFAULT_VAL_FRACTION", "check_fraction", "check_observed_counts",
+    "observe_uniform", "observed_set_name", "split_train_val",
+]  # fmt: skip
+
+
+def check_fraction(value: float, option: str) -> None:
+    """Refuse a split fraction outside the open interval (0, 1), NaN included, naming the
+    option as the user typed it: 0 or 1 would leave one side of the split empty."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 < number < 1.0:
+        raise SplError(f"{option} must be a fraction in the open interval (0, 1); got {value}")
+
+
+def check_observed_counts(num_pos: int, num_neg: int) -> None:
+    """Refuse observed-label counts no loss can train on, naming the option as typed.
+
+    A set without an observed positive is useless to every single-positive loss, so
+    ``num_pos`` is >= 1 (or -1, all); ``num_neg`` may be 0.
+    """
+    for option, value, least in (("--num-pos", num_pos, 1), ("--num-neg", num_neg, 0)):
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not integral or not (value >= least or value == -1):
+            raise SplError(f"{option} must be >= {least}, or -1 for all; got {value}")
 
 
 def split_train_val(
-    num_rows: int, val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_SEED
+    num_rows: int, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split the official training file into (train rows, val rows), both sorted.
 
     Parity: one ``RandomState(seed).permutation``; val takes the *last* round(f*N) entries.
     5,717 VOC rows give 4,574 / 1,143.
     """
+    check_fraction(val_fraction, "--val-fraction")
     rng = np.random.RandomState(seed)
     perm = rng.permutation(num_rows)
     n_val = int(np.round(val_fraction * num_rows))
@@ -38,9 +72,7 @@ def observe_uniform(
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be a [rows, classes] matrix, got shape {labels.shape}")
-    for name, value in (("num_pos", num_pos), ("num_neg", num_neg)):
-        if value < -1:
-            raise ValueError(f"{name} must be >= 0, or -1 for all; got {value}")
+    check_observed_counts(num_pos, num_neg)
     rng = np.random.RandomState(seed)
     observed = np.zeros(labels.shape, dtype=np.int8)
     keep_pos = None if num_pos == -1 else num_pos
@@ -53,10 +85,3 @@ def observe_uniform(
         rng.shuffle(negatives)
         observed[row, negatives[:keep_neg]] = -1
     return observed
-
-
-def observed_set_name(num_pos: int, num_neg: int, seed: int) -> str:
-    """Name of an observed-label set in labels.h5, e.g. ``uniform-p1-n0-s1200``."""
-    pos = "all" if num_pos == -1 else str(num_pos)
-    neg = "all" if num_neg == -1 else str(num_neg)
-    return f"uniform-p{pos}-n{neg}-s{seed}"

@@ -6,15 +6,19 @@ Every reader returns a :class:`RawDataset` whose image paths are relative to
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from spl.data import protocol
 from spl.data.common import SplError, safe_relative
 from spl.data.prepared import RawDataset
+from spl.data.sampling import check_fraction
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -36,7 +40,7 @@ NUS_CLASSES = [
 ]  # fmt: skip
 
 # Expected positives per image k used by EPR/ROLE (paper.md section 2).
-PAPER_EXPECTED_POSITIVES = {"voc12": 1.5, "coco14": 2.9, "nuswide": 1.9, "cub": 31.4}
+PAPER_EXPECTED_POSITIVES = protocol.EXPECTED_POSITIVES
 
 
 def _require(path: Path, layout: str) -> Path:
@@ -47,6 +51,29 @@ def _require(path: Path, layout: str) -> Path:
 
 def _first_existing(candidates: list[Path]) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
+
+
+def _read_text(path: Path) -> str:
+    """A raw text file as UTF-8 (a leading byte-order mark is dropped); a byte that is not
+    UTF-8 is refused naming the file and line, where a bare UnicodeDecodeError names neither."""
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = data[:offset].count(b"\n") + 1
+        raise SplError(
+            f"{path}, line {line}: byte 0x{data[offset]:02x} is not UTF-8; the file must be "
+            "UTF-8 (or plain ASCII) text: re-save it as UTF-8"
+        ) from None
+
+
+def _int(text: str, where: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SplError(f"{where}: expected an integer id, got {text!r}") from None
 
 
 # --------------------------------------------------------------------------- VOC 2012
@@ -75,7 +102,7 @@ def read_voc12(source: Path) -> RawDataset:
         positives: dict[str, set[int]] = {}
         for index, name in enumerate(VOC_CLASSES):
             path = _require(main / f"{name}_{phase}.txt", VOC_LAYOUT)
-            for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            for line_no, line in enumerate(_read_text(path).splitlines(), 1):
                 fields = line.split()
                 if not fields:
                     continue
@@ -122,19 +149,22 @@ def read_coco14(source: Path) -> RawDataset:
         path = _require(source / "annotations" / f"instances_{phase}.json", COCO_LAYOUT)
         _require(source / phase, COCO_LAYOUT)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_read_text(path))
         except json.JSONDecodeError as exc:
             raise SplError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SplError(
+                f"{path}: the top level is {_json_kind(data)}, expected a JSON object with "
+                "'images', 'annotations' and 'categories' (is this a COCO instances file?)"
+            )
         for key in ("categories", "annotations", "images"):
             if key not in data:
                 raise SplError(f"{path}: missing key {key!r} (is this a COCO instances file?)")
-        try:
-            category_ids = [c["id"] for c in data["categories"]]
-            names = [c["name"] for c in data["categories"]]
-            file_names = {img["id"]: img["file_name"] for img in data["images"]}
-            pairs = [(a["image_id"], a["category_id"]) for a in data["annotations"]]
-        except KeyError as exc:
-            raise SplError(f"{path}: an entry lacks the key {exc.args[0]!r}") from exc
+        categories = _coco_entries(data, path, "categories", {"id": "id", "name": "string"})
+        category_ids = [cid for cid, _ in categories]
+        names = [name for _, name in categories]
+        file_names = dict(_coco_entries(data, path, "images", {"id": "id", "file_name": "string"}))
+        pairs = _coco_entries(data, path, "annotations", {"image_id": "id", "category_id": "id"})
         if classes is None:
             classes = names
         elif names != classes:
@@ -158,6 +188,49 @@ def read_coco14(source: Path) -> RawDataset:
     return RawDataset(
         "coco14", classes, source, images, labels, PAPER_EXPECTED_POSITIVES["coco14"], str(source)
     )
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
+             (list, "a list"), (dict, "an object"))  # fmt: skip
+    return next((text for kind, text in kinds if isinstance(value, kind)), type(value).__name__)
+
+
+def _coco_entries(data: dict, path: Path, key: str, fields: dict[str, str]) -> list[tuple]:
+    """The ``fields`` of every entry of ``data[key]``, in order, each checked: a malformed
+    entry is named by its index rather than ending in a TypeError deep in the reader.
+
+    A field is an ``"id"`` (a JSON integer; a string is let through as the old reader did)
+    or a ``"string"``.
+    """
+    entries = data[key]
+    if not isinstance(entries, list):
+        raise SplError(f"{path}: {key!r} must be a list of objects, got {_json_kind(entries)}")
+    out = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: {key}[{index}]"
+        if not isinstance(entry, dict):
+            raise SplError(
+                f"{where} is {_json_kind(entry)}, expected an object with the keys "
+                f"{', '.join(map(repr, fields))}"
+            )
+        values = []
+        for field, kind in fields.items():
+            if field not in entry:
+                raise SplError(f"{where} lacks the key {field!r}")
+            value = entry[field]
+            if kind == "id":
+                ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+                expected = "an integer id"
+            else:
+                ok, expected = isinstance(value, str), "a string"
+            if not ok:
+                raise SplError(f"{where}: {field!r} must be {expected}, got {_json_kind(value)}")
+            values.append(value)
+        out.append(tuple(values))
+    return out
 
 
 # --------------------------------------------------------------------------- NUS-WIDE
@@ -194,7 +267,7 @@ def read_nuswide(source: Path) -> RawDataset:
         images[src], labels[src] = rel, matrix.astype(np.uint8)
     concepts = source / "Concepts81.txt"
     classes = (
-        [c.strip() for c in concepts.read_text().split() if c.strip()]
+        [c.strip() for c in _read_text(concepts).split() if c.strip()]
         if concepts.exists()
         else list(NUS_CLASSES)
     )
@@ -229,31 +302,32 @@ def read_cub(source: Path) -> RawDataset:
     assert names_txt is not None
     prefix = (base / "images").relative_to(source).as_posix()
     ids, paths = [], {}
-    for line_no, line in enumerate(images_txt.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_text(images_txt).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
+        where = f"{images_txt}, line {line_no}"
         if len(fields) != 2:
-            raise SplError(f"{images_txt}, line {line_no}: expected '<image id> <path>'")
-        ids.append(int(fields[0]))
-        paths[int(fields[0])] = safe_relative(
-            f"{prefix}/{fields[1]}", f"{images_txt}, line {line_no}"
-        )
+            raise SplError(f"{where}: expected '<image id> <path>'")
+        image_id = _int(fields[0], where)
+        ids.append(image_id)
+        paths[image_id] = safe_relative(f"{prefix}/{fields[1]}", where)
     is_train = {}
-    for line_no, line in enumerate(split_txt.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_text(split_txt).splitlines(), 1):
         fields = line.split()
         if fields:
+            where = f"{split_txt}, line {line_no}"
             if len(fields) != 2 or fields[1] not in ("0", "1"):
-                raise SplError(f"{split_txt}, line {line_no}: expected '<image id> <0|1>'")
-            is_train[int(fields[0])] = fields[1] == "1"
+                raise SplError(f"{where}: expected '<image id> <0|1>'")
+            is_train[_int(fields[0], where)] = fields[1] == "1"
     names = []
-    for line in names_txt.read_text().splitlines():
+    for line in _read_text(names_txt).splitlines():
         fields = line.split(maxsplit=1)
         if fields:
             names.append(fields[1] if len(fields) > 1 else fields[0])
     row_of = {image_id: r for r, image_id in enumerate(ids)}
     matrix = np.zeros((len(ids), len(names)), dtype=np.uint8)
-    for line_no, line in enumerate(labels_txt.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_text(labels_txt).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -264,7 +338,8 @@ def read_cub(source: Path) -> RawDataset:
                 f"{labels_txt}, line {line_no}: expected '<image id> <attribute id> "
                 f"<is_present> <certainty> <time>'"
             )
-        image_id, attribute, present = int(fields[0]), int(fields[1]), fields[2]
+        where = f"{labels_txt}, line {line_no}"
+        image_id, attribute, present = _int(fields[0], where), _int(fields[1], where), fields[2]
         if image_id not in row_of or not 1 <= attribute <= len(names):
             raise SplError(
                 f"{labels_txt}, line {line_no}: image {image_id} or attribute {attribute} "
@@ -288,11 +363,73 @@ def read_cub(source: Path) -> RawDataset:
 
 # --------------------------------------------------------------------------- custom CSV
 
+CUSTOM_COLUMNS = ("image", "labels", "split")
 CUSTOM_LAYOUT = (
     "an image folder (--source) and a CSV (--csv) with a header row and the columns "
     "'image' (path relative to the image folder), 'labels' (class names separated by ';', "
     "may be empty) and optionally 'split' (train or test)"
 )
+
+
+def _csv_records(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank records of a CSV, each with the line it starts on (a quoted field may
+    span lines, so the reader's own count is the line a record ends on)."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    records: list[tuple[int, list[str]]] = []
+    end = 0
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if fields:
+                records.append((start, fields))
+    except csv.Error as exc:
+        raise SplError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from exc
+    return records
+
+
+def _custom_header(csv_path: Path, line_no: int, fields: list[str]) -> list[str]:
+    """The CSV's columns; an unknown or repeated one is refused rather than ignored (a
+    'Split' column ignored would give a random split instead of the user's)."""
+    header = [f.strip() for f in fields]
+    where = f"{csv_path}, line {line_no}"
+    for index, column in enumerate(header):
+        if column not in CUSTOM_COLUMNS:
+            hint = " (an empty name: drop the trailing ',')" if not column else ""
+            raise SplError(
+                f"{where}: unknown column {column!r}{hint}; the valid columns are "
+                f"{', '.join(CUSTOM_COLUMNS)} (lower-case, and the first row must be the "
+                f"header). Expected {CUSTOM_LAYOUT}"
+            )
+        if column in header[:index]:
+            raise SplError(f"{where}: column {column!r} appears twice in the header")
+    for column in ("image", "labels"):
+        if column not in header:
+            raise SplError(
+                f"{csv_path}: missing column {column!r} (header is {header}). "
+                f"Expected {CUSTOM_LAYOUT}"
+            )
+    return header
+
+
+def _custom_fields(where: str, header: list[str], fields: list[str]) -> dict[str, str]:
+    """One row's fields by column; a row with more or fewer fields than the header is
+    refused (extra fields were once dropped, taking the labels after a ',' with them)."""
+    if len(fields) > len(header):
+        raise SplError(
+            f"{where}: {len(fields)} fields but the header has {len(header)} "
+            f"({', '.join(header)}); separate several labels with ';' within one field, "
+            "e.g. img.png,cat;dog (and quote a field that holds a comma)"
+        )
+    if len(fields) < len(header):
+        image = fields[header.index("image")] if header.index("image") < len(fields) else ""
+        example = {"image": image.strip() or "img.png", "labels": "", "split": "train"}
+        plural = "field" if len(fields) == 1 else "fields"
+        raise SplError(
+            f"{where}: {len(fields)} {plural} but the header has {len(header)} "
+            f"({', '.join(header)}); write every field, leaving one empty rather than out: "
+            f"{','.join(example[c] for c in header)!r} is an image with no positive label"
+        )
+    return dict(zip(header, fields, strict=True))
 
 
 def read_custom(
@@ -304,35 +441,51 @@ def read_custom(
     seed: int = 0,
     classes_file: Path | None = None,
 ) -> RawDataset:
-    """Users' own data: one CSV row per image; the split column, or a seeded random split."""
+    """Users' own data: one CSV row per image; the split column, or a seeded random split.
+
+    Every row names a distinct image (after normalising the path): a repeat, above all one
+    in both train and test, is refused.
+    """
     _require(source, CUSTOM_LAYOUT)
     _require(csv_path, CUSTOM_LAYOUT)
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        for column in ("image", "labels"):
-            if column not in header:
-                raise SplError(
-                    f"{csv_path}: missing column {column!r} (header is {header}). "
-                    f"Expected {CUSTOM_LAYOUT}"
-                )
-        rows = list(reader)
+    records = _csv_records(csv_path)
+    if not records:
+        raise SplError(f"{csv_path}: empty file. Expected {CUSTOM_LAYOUT}")
+    header = _custom_header(csv_path, *records[0])
+    rows = records[1:]
     if not rows:
         raise SplError(f"{csv_path}: no image rows")
     paths, names, splits = [], [], []
-    for line_no, row in enumerate(rows, 2):
+    first: dict[str, tuple[int, str]] = {}  # normalised path -> (line, split)
+    for line_no, fields in rows:
         where = f"{csv_path}, line {line_no}"
-        paths.append(safe_relative(row["image"] or "", where))
-        names.append([n.strip() for n in (row["labels"] or "").split(";") if n.strip()])
-        if "split" in header:
-            split = (row["split"] or "").strip().lower()
-            if split not in ("train", "test"):
-                raise SplError(f"{where}: split must be 'train' or 'test', got {row['split']!r}")
+        row = _custom_fields(where, header, fields)
+        path = safe_relative(row["image"], where)
+        split = row["split"].strip().lower() if "split" in header else ""
+        if "split" in header and split not in ("train", "test"):
+            raise SplError(f"{where}: split must be 'train' or 'test', got {row['split']!r}")
+        if path in first:
+            earlier, earlier_split = first[path]
+            leak = (
+                " (once for train, once for test: the test set would leak into training)"
+                if earlier_split != split
+                else ""
+            )
+            raise SplError(
+                f"{csv_path}: image {path!r} is listed twice, on lines {earlier} and {line_no}"
+                f"{leak}; give each image one row, its labels joined with ';'"
+            )
+        first[path] = (line_no, split)
+        paths.append(path)
+        names.append([n.strip() for n in row["labels"].split(";") if n.strip()])
+        if split:
             splits.append(split)
     if classes_file is not None:
-        classes = [c.strip() for c in Path(classes_file).read_text().splitlines() if c.strip()]
+        if not Path(classes_file).is_file():
+            raise SplError(f"--classes {classes_file} not found (one class name per line)")
+        classes = [c.strip() for c in _read_text(Path(classes_file)).splitlines() if c.strip()]
         known = set(classes)
-        for line_no, row_names in enumerate(names, 2):
+        for (line_no, _), row_names in zip(rows, names, strict=True):
             unknown = [n for n in row_names if n not in known]
             if unknown:
                 raise SplError(
@@ -349,8 +502,7 @@ def read_custom(
     if splits:
         is_test = np.array([s == "test" for s in splits])
     else:
-        if not 0.0 < test_fraction < 1.0:
-            raise SplError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+        check_fraction(test_fraction, "--test-fraction")
         rng = np.random.RandomState(seed)
         n_test = int(round(test_fraction * len(rows)))
         is_test = np.zeros(len(rows), dtype=bool)

@@ -144,3 +144,19 @@ def make_nuswide(root: Path) -> dict:
             write_image(root / path, seed=i)
         out[phase] = (paths, labels)
     return out
+
+
+def make_custom(root: Path, csv: str | bytes, images: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """An image folder ``root/imgs`` holding ``images`` and the CSV ``root/labels.csv``.
+
+    ``csv`` is written as given (bytes for an encoding test). Returns (image folder, CSV).
+    """
+    folder = root / "imgs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(images):
+        write_image(folder / name, seed=i, fmt="PNG")
+    path = root / "labels.csv"
+    if isinstance(csv, str):
+        csv = csv.encode("utf-8")
+    path.write_bytes(csv)
+    return folder, path

@@ -1,0 +1,289 @@
+"""Bad raw input and bad options refused with one line naming the file, line or option.
+
+Each case here once gave a traceback, was accepted silently, or failed obscurely.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from spl.data.common import SplError
+from spl.data.images import ImageDataset, build_transform
+from spl.data.prepared import load_prepared
+from spl.data.sampling import observe_uniform, split_train_val
+
+from conftest import invoke
+from rawfixtures import make_coco, make_cub, make_custom, make_voc
+
+
+def _fail(runner, *args) -> str:
+    """Run `spl ARGS`, expect a refusal printed as a message (not a traceback); return it."""
+    output = invoke(runner, list(args), ok=False).output
+    assert output.startswith("Error: ") and "Traceback" not in output, output
+    return output
+
+
+def _prepare_fail(runner, name, source, root, *extra) -> str:
+    return _fail(runner, "data", "prepare", name, "--source", source, "--root", root, *extra)
+
+
+# ----------------------------------------------------------------------------- A: VOC
+
+
+def test_voc_non_utf8_class_list_names_file_and_line(tmp_path, runner):
+    make_voc(tmp_path / "raw")
+    path = tmp_path / "raw" / "VOC2012" / "ImageSets" / "Main" / "cat_train.txt"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b"2007_000033 \xe91\n"  # a Latin-1 byte on line 3
+    path.write_bytes(b"".join(lines))
+    output = _prepare_fail(runner, "voc12", tmp_path / "raw", tmp_path / "root")
+    assert "cat_train.txt, line 3" in output and "UTF-8" in output
+    assert not (tmp_path / "root" / "voc12" / "labels.h5").exists()
+
+
+def test_cub_non_utf8_and_non_integer_ids_name_file_and_line(tmp_path, runner):
+    make_cub(tmp_path / "raw")
+    images_txt = tmp_path / "raw" / "CUB_200_2011" / "images.txt"
+    original = images_txt.read_bytes()
+    images_txt.write_bytes(original.replace(b"a_2.jpg", b"a_\xff.jpg"))
+    output = _prepare_fail(runner, "cub", tmp_path / "raw", tmp_path / "root")
+    assert "images.txt, line 2" in output and "UTF-8" in output
+    images_txt.write_bytes(original.replace(b"3 002", b"x3 002"))
+    output = _prepare_fail(runner, "cub", tmp_path / "raw", tmp_path / "root")
+    assert "images.txt, line 3" in output and "'x3'" in output
+
+
+# ----------------------------------------------------------------------------- B: COCO
+
+
+def _coco_file(root, phase="train2014"):
+    return root / "annotations" / f"instances_{phase}.json"
+
+
+def test_coco_non_utf8_names_file_and_line(tmp_path, runner):
+    make_coco(tmp_path / "raw")
+    path = _coco_file(tmp_path / "raw")
+    data = json.loads(path.read_text())
+    text = json.dumps(data, indent=1).replace("COCO_train2014_000000000025", "caf\udce9", 1)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "caf" in t)
+    output = _prepare_fail(runner, "coco14", tmp_path / "raw", tmp_path / "root")
+    assert f"instances_train2014.json, line {line}" in output and "UTF-8" in output
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda data: None, ["top level is null", "JSON object"]),
+        (lambda data: [data], ["top level is a list", "JSON object"]),
+        (lambda data: {**data, "images": [1, 2]}, ["images[0] is a number", "object"]),
+        (lambda data: {**data, "annotations": {"a": 1}}, ["'annotations' must be a list"]),
+        (lambda data: {**data, "categories": "person"}, ["'categories' must be a list"]),
+        (
+            lambda data: {**data, "annotations": [*data["annotations"][:2], {"image_id": 9}]},
+            ["annotations[2] lacks the key 'category_id'"],
+        ),
+        (
+            lambda data: {**data, "annotations": [{"image_id": [9], "category_id": 1}]},
+            ["annotations[0]", "'image_id'", "integer"],
+        ),
+        (
+            lambda data: {**data, "images": [{"id": 9, "file_name": None}]},
+            ["images[0]", "'file_name'", "string"],
+        ),
+    ],
+    ids=["null", "list", "images-not-objects", "annotations-dict", "categories-string",
+         "missing-key", "unhashable-id", "file-name-null"],
+)  # fmt: skip
+def test_coco_malformed_structure_names_file_and_entry(tmp_path, runner, change, expected):
+    make_coco(tmp_path / "raw")
+    path = _coco_file(tmp_path / "raw")
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    output = _prepare_fail(runner, "coco14", tmp_path / "raw", tmp_path / "root")
+    assert "instances_train2014.json" in output
+    for text in expected:
+        assert text in output
+
+
+# ----------------------------------------------------------------------------- C: custom CSV
+
+IMAGES = tuple(f"img{i}.png" for i in range(8))
+
+
+def _custom_csv(header: str, line3: str = "", *, split: bool = False) -> str:
+    """A CSV valid on its own (8 images, some without a positive), with ``line3`` put on
+    line 3 when given."""
+    rows = []
+    for i in range(8):
+        row = f"img{i}.png,{['cat', 'dog', 'cat;dog', ''][i % 4]}"
+        rows.append(f"{row},{'test' if i % 3 else 'train'}" if split else row)
+    if line3:
+        rows.insert(1, line3)
+    return "\n".join([header, *rows]) + "\n"
+
+
+def _custom_fail(runner, tmp_path, csv: str | bytes, *extra) -> str:
+    folder, path = make_custom(tmp_path / "raw", csv, IMAGES)
+    return _prepare_fail(runner, "custom", folder, tmp_path / "root", "--csv", path, *extra)
+
+
+def test_custom_non_utf8_names_file_and_line(tmp_path, runner):
+    csv = _custom_csv("image,labels", "img7.png,dog").encode().replace(b"dog", b"d\xf6g", 1)
+    output = _custom_fail(runner, tmp_path, csv)
+    assert "labels.csv, line 3" in output and "UTF-8" in output
+
+
+def test_custom_row_with_more_fields_than_header_is_refused(tmp_path, runner):
+    output = _custom_fail(runner, tmp_path, _custom_csv("image,labels", "img7.png,cat,dog"))
+    assert "labels.csv, line 3" in output and "3 fields" in output and "';'" in output
+
+
+def test_custom_row_with_fewer_fields_than_header_is_refused(tmp_path, runner):
+    output = _custom_fail(runner, tmp_path, _custom_csv("image,labels", "img7.png"))
+    assert "labels.csv, line 3" in output and "1 field" in output and "'img7.png,'" in output
+
+
+def test_custom_empty_labels_field_means_no_positive(tmp_path, runner):
+    folder, path = make_custom(
+        tmp_path / "raw", _custom_csv("image,labels,split", split=True), IMAGES
+    )
+    invoke(runner, ["data", "prepare", "custom", "--source", folder, "--root", tmp_path / "root",
+                    "--csv", path])  # fmt: skip
+    prepared = load_prepared(tmp_path / "root" / "custom")
+    assert list(prepared.images["trainval"]) == ["img0.png", "img3.png", "img6.png"]
+    np.testing.assert_array_equal(prepared.labels["trainval"], [[1, 0], [0, 0], [1, 1]])
+
+
+@pytest.mark.parametrize("header", ["image,labels,Split", "image,labels,notes", "image,labels,"])
+def test_custom_unknown_column_is_refused(tmp_path, runner, header):
+    column = header.split(",")[2]
+    output = _custom_fail(runner, tmp_path, _custom_csv(header, split=True))
+    assert f"unknown column {column!r}" in output and "image, labels, split" in output
+
+
+def test_custom_repeated_column_is_refused(tmp_path, runner):
+    output = _custom_fail(runner, tmp_path, _custom_csv("image,labels,labels", split=True))
+    assert "'labels' appears twice" in output
+
+
+@pytest.mark.parametrize(
+    "header,line3,split",
+    [
+        ("image,labels", "./img5.png,dog", False),
+        ("image,labels,split", "img5.png,cat,train", True),
+        ("image,labels,split", ".\\img5.png,cat,test", True),
+    ],
+    ids=["same-file", "train-and-test", "backslash-same-split"],
+)
+def test_custom_duplicate_image_rows_are_refused(tmp_path, runner, header, line3, split):
+    output = _custom_fail(runner, tmp_path, _custom_csv(header, line3, split=split))
+    assert "lines 3 and 8" in output and "'img5.png'" in output
+
+
+def test_custom_missing_classes_file_is_named(tmp_path, runner):
+    missing = tmp_path / "classes.txt"
+    output = _custom_fail(runner, tmp_path, _custom_csv("image,labels"), "--classes", missing)
+    assert f"--classes {missing} not found" in output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "1"])
+def test_custom_test_fraction_outside_open_interval_is_refused(tmp_path, runner, value):
+    output = _custom_fail(runner, tmp_path, _custom_csv("image,labels"), "--test-fraction", value)
+    assert "--test-fraction" in output and "(0, 1)" in output
+
+
+# ----------------------------------------------------------------------------- D: sampling
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--num-pos", -3, "--num-pos must be >= 1, or -1 for all; got -3"),
+        ("--num-pos", 0, "--num-pos must be >= 1, or -1 for all; got 0"),
+        ("--num-neg", -2, "--num-neg must be >= 0, or -1 for all; got -2"),
+    ],
+)
+def test_prepare_refuses_bad_observed_counts(tmp_path, runner, option, value, message):
+    make_voc(tmp_path / "raw")
+    output = _prepare_fail(runner, "voc12", tmp_path / "raw", tmp_path / "root", option, value)
+    assert message in output
+    assert not (tmp_path / "root" / "voc12").exists()
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [("--num-pos", 0, "--num-pos must be >= 1"), ("--num-neg", -2, "--num-neg must be >= 0")],
+)
+def test_observe_refuses_bad_observed_counts(tmp_path, runner, option, value, message):
+    make_voc(tmp_path / "raw")
+    invoke(runner, ["data", "prepare", "voc12", "--source", tmp_path / "raw", "--root",
+                    tmp_path / "root"])  # fmt: skip
+    labels = tmp_path / "root" / "voc12" / "labels.h5"
+    before = labels.read_bytes()
+    output = _fail(runner, "data", "observe", labels.parent, option, value)
+    assert message in output and "-1 for all" in output
+    assert labels.read_bytes() == before
+
+
+def test_import_features_refuses_bad_observed_counts(tmp_path, runner):
+    rng = np.random.RandomState(0)
+    files = {}
+    for src, n in (("train", 12), ("test", 6)):
+        labels = (rng.rand(n, 3) < 0.5).astype(np.uint8)
+        labels[:, 0] = 1
+        files[f"--{src}-features"] = tmp_path / f"{src}_x.npy"
+        files[f"--{src}-labels"] = tmp_path / f"{src}_y.npy"
+        np.save(files[f"--{src}-features"], rng.rand(n, 4).astype(np.float32))
+        np.save(files[f"--{src}-labels"], labels)
+    args = [a for option, path in files.items() for a in (option, path)]
+    for option, value in (("--num-pos", -3), ("--num-pos", 0), ("--num-neg", -2)):
+        output = _fail(runner, "import-features", tmp_path / "mine", *args, option, value)
+        assert f"{option} must be >= " in output and f"got {value}" in output
+        assert not (tmp_path / "mine" / "labels.h5").exists()
+
+
+def test_observe_uniform_refuses_bad_counts_and_keeps_valid_ones():
+    labels = np.array([[1, 0, 1, 0]], dtype=np.uint8)
+    for num_pos, num_neg, option in ((0, 0, "--num-pos"), (-3, 0, "--num-pos"),
+                                     (1, -2, "--num-neg"), (1.5, 0, "--num-pos")):  # fmt: skip
+        with pytest.raises(SplError, match=f"{option} must be"):
+            observe_uniform(labels, num_pos, num_neg)
+    assert (observe_uniform(labels, 1, 0) == -1).sum() == 0  # num_neg 0 is valid
+    assert (observe_uniform(labels, -1, 0) == 1).sum() == 2
+
+
+# ----------------------------------------------------------------------------- E: fractions
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2", "nan"])
+def test_val_fraction_outside_open_interval_is_refused(tmp_path, runner, value):
+    make_voc(tmp_path / "raw")
+    output = _prepare_fail(
+        runner, "voc12", tmp_path / "raw", tmp_path / "root", "--val-fraction", value
+    )
+    assert "--val-fraction must be" in output and "(0, 1)" in output
+    assert not (tmp_path / "root" / "voc12").exists()
+
+
+def test_split_train_val_refuses_nan():
+    with pytest.raises(SplError, match="--val-fraction"):
+        split_train_val(10, math.nan)
+
+
+# ----------------------------------------------------------------------------- F: images
+
+
+def test_missing_image_in_a_dataloader_worker_names_the_path(demo_small, tmp_path):
+    """A worker's error reaches the main process as one line naming the image (torch wraps
+    it in a traceback text that the command line would print in full)."""
+    prepared = load_prepared(demo_small)
+    dataset = ImageDataset(prepared, "test", build_transform(32), image_root=tmp_path)
+    loader = DataLoader(dataset, batch_size=2, num_workers=1)
+    with pytest.raises(SplError) as raised:
+        next(iter(loader))
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert message == f"test split, test row 0: image not found: {dataset.path(0)}"
