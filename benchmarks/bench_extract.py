@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from spl.data.runtime import default_workers, resolve_device  # noqa: E402
 from spl.extract.backbones import get_backbone  # noqa: E402
 from spl.extract.run import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
@@ -46,9 +47,7 @@ from spl.extract.run import (  # noqa: E402
     Timing,
     chunk_batches,
     collate,
-    default_workers,
     make_loader,
-    resolve_device,
     run_chunks,
 )
 

@@ -24,18 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from spl.data.loaders import ImageSplits  # noqa: E402
 from spl.data.prepared import load_prepared  # noqa: E402
+from spl.data.runtime import Processes  # noqa: E402
 from spl.extract.backbones import get_backbone  # noqa: E402
-from spl.extract.run import Processes  # noqa: E402
-from spl.finetune import FinetuneSettings, _Data  # noqa: E402
-from spl.fit.finetune import (  # noqa: E402
-    Classifier,
-    Trainable,
-    TrainSettings,
-    make_optimizer,
-    train_epoch,
-)
-from spl.fit.losses import LossOptions  # noqa: E402
+from spl.extract.features import unreadable_rows  # noqa: E402
+from spl.fit.finetune import Classifier, FineTuner, Trainable, make_optimizer  # noqa: E402
+from spl.fit.losses import get_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,19 +40,20 @@ def measure(dataset: Path, backbone: str, weights: str | None, size: int, batch:
     """Train `steps` steps (after 5 warm-up steps) and time them."""
     procs = Processes.start(device)
     prepared = load_prepared(dataset)
-    settings = FinetuneSettings(
-        loss="an", backbone=backbone, weights=weights, image_size=size, workers=workers,
-        amp=amp, channels_last=channels_last, cache_images=cache, device=device,
-    )  # fmt: skip
     backbone_module, spec = get_backbone(backbone, weights)
-    data = _Data(prepared, settings, spec, procs, "uniform-p1-n0-s1200")
-    model = Trainable(Classifier(backbone_module, spec.feature_dim, prepared.num_classes))
+    data = ImageSplits(
+        prepared, image_size=size, mean=spec.mean, std=spec.std,
+        observed="uniform-p1-n0-s1200", excluded=unreadable_rows(prepared), procs=procs,
+        workers=workers, cache_images=cache,
+    )  # fmt: skip
+    loss = get_loss("an").make()
+    model = Trainable(Classifier(backbone_module, spec.feature_dim, prepared.num_classes), loss, {})
     model = model.to(procs.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.classifier, None, 1e-4, 10.0)
-    train = TrainSettings(loss="an", lr=1e-4, options=LossOptions(), amp=amp,
-                          channels_last=channels_last)  # fmt: skip
+    optimizer = make_optimizer(model, 1e-4)
+    tuner = FineTuner(loss, lr=1e-4, batch_size=batch, amp=amp, channels_last=channels_last)
+    tuner.model_ = model
     timing = {"wait": 0.0, "step": 0.0, "n": 0}
 
     def on_step(step, waited, seconds):
@@ -68,8 +64,8 @@ def measure(dataset: Path, backbone: str, weights: str | None, size: int, batch:
 
     loader = data.train_loader(batch, seed=0, epoch=1)
     limited = _take(loader, steps + 5)
-    train_epoch(model, optimizer, limited, train, procs.device,
-                prepare=data.prepare(train=True), on_step=on_step)  # fmt: skip
+    tuner._train_epoch(model, optimizer, limited, procs.device, 1,
+                       prepare=data.prepare(train=True), on_step=on_step)  # fmt: skip
     busy = timing["wait"] + timing["step"]
     return {
         "images_per_second": timing["n"] * batch / busy,

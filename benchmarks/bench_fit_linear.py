@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spl.data.protocol import BATCH_SIZES as PAPER_BATCH_SIZES
+from spl.data.protocol import LRS as PAPER_LRS
 from spl.data.sampling import observe_uniform
 from spl.evaluate.metrics import mean_average_precision
-from spl.fit.engine import PAPER_BATCH_SIZES, PAPER_LRS, StackedHeads
-from spl.fit.losses import PAPER_LOSSES, LossBatch, LossOptions, batch_loss, estimator_init
+from spl.fit.engine import StackedHeads
+from spl.fit.losses import PAPER_LOSSES, WITH_NEGATIVES, Batch, Context, estimator_init, get_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOC = {"train": 4574, "val": 1143, "test": 5823, "dim": 2048, "classes": 20, "k": 1.5}
@@ -94,10 +96,12 @@ def _sklearn_map(scores: np.ndarray, labels: np.ndarray) -> float:
     return 100 * float(np.mean(aps))
 
 
-def reference_run(loss, lr, bs, data, observed, observed_iu, epochs, options, device):
+def reference_run(loss, lr, bs, data, observed, observed_iu, epochs, k, device):
     """One configuration the way the reference code trains it."""
     (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = data["train"], data["val"], data["test"]
-    obs = observed_iu if loss == "iu" else observed
+    key = loss
+    loss = get_loss(key).make(context=Context(Ytr.shape[1], k))
+    obs = observed_iu if loss.trains_on == WITH_NEGATIVES else observed
     loaders = {
         "train": torch.utils.data.DataLoader(
             _FeatureDataset(Xtr, Ytr, obs), batch_size=bs, shuffle=True, drop_last=True
@@ -108,23 +112,21 @@ def reference_run(loss, lr, bs, data, observed, observed_iu, epochs, options, de
     model = torch.nn.Linear(Xtr.shape[1], Ytr.shape[1]).to(device)
     groups = [{"params": model.parameters(), "lr": lr}]
     theta = None
-    if loss == "role":
+    if key == "role":
         theta = torch.nn.Parameter(estimator_init(torch.tensor(obs)).to(device))
-        groups.append({"params": [theta], "lr": lr * options.estimator_lr_multiplier})
+        groups.append({"params": [theta], "lr": lr * loss.lr_multiplier("theta")})
     optimizer = torch.optim.Adam(groups)
     best = -1.0
     for _ in range(epochs):
         model.train()
         for batch in loaders["train"]:
             feats = batch["feats"].to(device)
-            lb = LossBatch(
-                batch["label_vec_true"].to(device),
-                batch["label_vec_obs"].to(device),
-                estimates=None if theta is None else theta[batch["idx"].to(device)],
-                pseudo_negatives=None,
+            state = {} if theta is None else {"estimates": theta[batch["idx"].to(device)]}
+            lb = Batch(
+                batch["label_vec_obs"].to(device), batch["label_vec_true"].to(device), state=state
             )
             optimizer.zero_grad()
-            batch_loss(loss, model(feats), lb, options).backward()
+            loss.batch_loss(model(feats), lb).backward()
             optimizer.step()
         model.eval()
         scores = {}
@@ -144,7 +146,7 @@ def reference_run(loss, lr, bs, data, observed, observed_iu, epochs, options, de
 
 def part_a(args, rows):
     data, observed, observed_iu = synthetic(VOC)
-    options = LossOptions(expected_positives=VOC["k"])
+    k = VOC["k"]
     (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = data["train"], data["val"], data["test"]
     start = time.perf_counter()
     model = StackedHeads(
@@ -152,7 +154,7 @@ def part_a(args, rows):
         lrs=PAPER_LRS,
         batch_sizes=PAPER_BATCH_SIZES,
         epochs=args.epochs,
-        options=options,
+        expected_positives=k,
         device=args.device,
     ).fit(Xtr, observed, labels=Ytr, X_val=Xva, Y_val=Yva, observed_iu=observed_iu)
     model.score(Xte, Yte)
@@ -163,7 +165,7 @@ def part_a(args, rows):
         for bs in PAPER_BATCH_SIZES:
             for lr in lrs:
                 reference_run(
-                    loss, lr, bs, data, observed, observed_iu, args.epochs, options, args.device
+                    loss, lr, bs, data, observed, observed_iu, args.epochs, k, args.device
                 )
     measured = time.perf_counter() - start
     reference = measured * len(PAPER_LRS) / len(lrs)
@@ -186,7 +188,7 @@ def part_a(args, rows):
 
 def part_b(args, rows):
     data, observed, observed_iu = synthetic(COCO)
-    options = LossOptions(expected_positives=COCO["k"])
+    k = COCO["k"]
     (Xtr, Ytr), (Xva, Yva), _ = data["train"], data["val"], data["test"]
     # The full sweep is far above the engine's threshold for compiling its CPU steps; the
     # short slices timed here are not, so they are told to compile as the sweep would.
@@ -198,7 +200,7 @@ def part_b(args, rows):
         def heads(epochs, bs=bs):
             return StackedHeads(
                 losses=PAPER_LOSSES, lrs=PAPER_LRS, batch_sizes=[bs], epochs=epochs,
-                options=options, device=args.device,
+                expected_positives=k, device=args.device,
             )  # fmt: skip
 
         # Warm up first (torch.compile's one-off compilation on a CPU, CUDA's first
@@ -296,7 +298,7 @@ def part_c(args, rows):
 
 def part_d(args, rows):
     data, observed, observed_iu = synthetic(COCO)
-    options = LossOptions(expected_positives=COCO["k"])
+    k = COCO["k"]
     (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = data["train"], data["val"], data["test"]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -313,7 +315,7 @@ def part_d(args, rows):
         lrs=PAPER_LRS,
         batch_sizes=PAPER_BATCH_SIZES,
         epochs=args.epochs,
-        options=options,
+        expected_positives=k,
         device="cuda",
         cuda_graphs=not args.no_graphs,
     ).fit(

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from spl.data.sampling import observe_uniform  # noqa: E402
 from spl.fit.engine import StackedHeads  # noqa: E402
-from spl.fit.losses import LOSSES, LossOptions  # noqa: E402
+from spl.fit.losses import LOSSES  # noqa: E402
 
 FAILURES: list[str] = []
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # `cpu` tries the script here
@@ -47,7 +47,7 @@ def engine_checks() -> None:
     X = (labels @ centers + 0.5 * rng.randn(n, d)).astype(np.float32)
     observed, observed_iu = observe_uniform(labels, 1, 0), observe_uniform(labels, 1, 1)
     kwargs = dict(losses=list(LOSSES), lrs=[1e-2, 1e-3], batch_sizes=[8, 16], epochs=3,
-                  options=LossOptions(expected_positives=1.8))  # fmt: skip
+                  expected_positives=1.8)  # fmt: skip
     fit = dict(labels=labels, X_val=X[:100], Y_val=labels[:100], observed_iu=observed_iu)
     reference = StackedHeads(device="cpu", dtype=torch.float64, **kwargs).fit(X, observed, **fit)
     for graphs in (False, True):
@@ -72,9 +72,13 @@ def engine_checks() -> None:
         check(f"engine cuda graphs={graphs} vs cpu float64", worst < 2e-4,
               f"max |dw| = {worst:.2e}, {seconds:.1f} s, graphs released: {captured}")  # fmt: skip
         theta = max(
-            float((a.theta.double().cpu() - b.theta).abs().max())
+            float(
+                (a.slots["role"].state["theta"].double().cpu() - b.slots["role"].state["theta"])
+                .abs()
+                .max()
+            )
             for a, b in zip(model.groups_, reference.groups_, strict=True)
-            if a.theta is not None
+            if "role" in a.slots
         )
         check(f"ROLE estimator cuda graphs={graphs}", theta < 2e-3, f"max |dtheta| = {theta:.2e}")
 

@@ -171,3 +171,12 @@ def device_transform(
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype)[None, :, None, None]
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype)[None, :, None, None]
     return (images - mean_t) / std_t
+
+
+def cache_bad_rows(prepared: PreparedDataset, size: int) -> dict[str, np.ndarray]:
+    """Rows whose image the cache could not read (their pixels are zeros), per source."""
+    out = {}
+    for source in SOURCES:
+        _, bad = open_cache(prepared, source, size)
+        out[source] = np.array(sorted(bad), dtype=np.int64)
+    return out

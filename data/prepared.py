@@ -96,10 +96,6 @@ class PreparedDataset:
         source, rows = self.rows(split)
         return self.labels[source][rows]
 
-    def split_observed(self, split: str, observed: str) -> np.ndarray:
-        source, rows = self.rows(split)
-        return self.observed_set(observed)[source][rows]
-
     def observed_set(self, observed: str) -> dict[str, np.ndarray]:
         if observed not in self.observed:
             raise SplError(

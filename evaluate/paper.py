@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-PAPER_DATASETS = ("voc12", "coco14", "nuswide", "cub")
+from spl.data import protocol
+
+PAPER_DATASETS = protocol.PAPER_DATASETS
 
 # loss -> dataset -> test mAP of a linear head on frozen ResNet-50 features at 448 px
 LINEAR = {
@@ -39,17 +41,37 @@ RECOVERY = {
     "role": {"voc12": 90.3, "coco14": 69.5, "nuswide": 56.0, "cub": 19.6},
 }
 
-# LinearInit's fixed linear-phase settings (paper.md section 5): loss -> (lr, batch size),
-# with per-dataset batch-size exceptions.
-LINEARINIT_SETTINGS = {
-    "an_ls": {"lr": 1e-4, "batch_size": 8, "batch_size_for": {"nuswide": 16}},
-    "role": {"lr": 1e-3, "batch_size": 16, "batch_size_for": {"cub": 8}},
-}
-
 # The backbone the paper's numbers were measured with.
-PAPER_BACKBONE_TAG = "resnet50-IMAGENET1K_V1-448"
+PAPER_BACKBONE_TAG = protocol.PAPER_BACKBONE_TAG
 
 
 def paper_value(table: str, loss: str, dataset: str) -> float | None:
+    """The paper's number for a cell, wherever the dataset is one of the paper's."""
     source = {"linear": LINEAR, "finetune": FINETUNE, "recovery": RECOVERY}[table]
     return source.get(loss, {}).get(dataset)
+
+
+def protocol_differences(
+    table: str,
+    *,
+    tag: str,
+    lrs=None,
+    batch_sizes=None,
+    epochs: int | None = None,
+    observed: str | None = None,
+) -> list[str]:
+    """How a run's protocol departs from the one the paper's numbers were measured with:
+    a table marks its paper column when this is not empty."""
+    paper_epochs = protocol.FINETUNE_EPOCHS if table == "finetune" else protocol.LINEAR_EPOCHS
+    out = []
+    if tag != PAPER_BACKBONE_TAG:
+        out.append(f"features {tag} (paper: {PAPER_BACKBONE_TAG})")
+    if lrs is not None and sorted(map(float, lrs)) != sorted(protocol.LRS):
+        out.append(f"lrs {','.join(f'{v:g}' for v in lrs)}")
+    if batch_sizes is not None and sorted(map(int, batch_sizes)) != sorted(protocol.BATCH_SIZES):
+        out.append(f"batch sizes {','.join(map(str, batch_sizes))}")
+    if epochs is not None and int(epochs) != paper_epochs:
+        out.append(f"{epochs} epochs (paper: {paper_epochs})")
+    if observed is not None and observed != protocol.OBSERVED:
+        out.append(f"observed labels {observed} (paper: {protocol.OBSERVED})")
+    return out

@@ -6,6 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+# Result columns summarised over seeds (mean, sample std) for the selected rows.
+SUMMARY_COLUMNS = (
+    "test_map", "test_map_paper_metric", "val_map", "train_recovery_map",
+    "estimator_recovery_map",
+)  # fmt: skip
+
 
 def select_best(rows: Iterable[dict], key: str = "loss") -> dict[str, dict]:
     """Group result rows by ``key`` (and seed), pick the best-val row per seed, summarise.
@@ -24,7 +30,7 @@ def select_best(rows: Iterable[dict], key: str = "loss") -> dict[str, dict]:
     for name, per_seed in chosen.items():
         picked = [per_seed[s] for s in sorted(per_seed)]
         summary = {"picked": picked, "seeds": sorted(per_seed)}
-        for column in ("test_map", "val_map", "train_recovery_map", "estimator_recovery_map"):
+        for column in SUMMARY_COLUMNS:
             values = [float(r[column]) for r in picked if _present(r.get(column))]
             if values:
                 summary[column] = mean_std(values)
@@ -57,3 +63,14 @@ def _present(value) -> bool:
         return not math.isnan(float(value))
     except (TypeError, ValueError):
         return False
+
+
+def best_row(rows: Iterable[dict]) -> dict:
+    """The row with the highest val mAP; ties go to the first (a strict maximum)."""
+    best = None
+    for row in rows:
+        if best is None or float(row["val_map"]) > float(best["val_map"]):
+            best = row
+    if best is None:
+        raise ValueError("no rows to select from")
+    return best

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spl.data import protocol
 from spl.data.common import SplError, sha256_file
 from spl.data.images import IMAGENET_MEAN, IMAGENET_STD
 
-DEFAULT_BACKBONE = "resnet50"
+DEFAULT_BACKBONE = protocol.BACKBONE
 RANDOM = "random"
 RANDOM_SEED = 0
 LITE0 = "efficientnet_lite0"
@@ -39,7 +40,7 @@ LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 # 0..255 (efficientnet_lite_builder.py: MEAN_RGB 127, STDDEV_RGB 128), not ImageNet mean/std.
 LITE0_MEAN = (127.0 / 255,) * 3
 LITE0_STD = (128.0 / 255,) * 3
-_PAPER_WEIGHTS = {"resnet50": "IMAGENET1K_V1"}  # torchvision's DEFAULT for resnet50 is V2
+_PAPER_WEIGHTS = {protocol.BACKBONE: protocol.WEIGHTS}  # torchvision's DEFAULT for resnet50 is V2
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,64})\.")  # torch.hub's file-name convention
 # Models without a final nn.Linear (their classifier is a convolution).
 _NO_LINEAR_HEAD = {"squeezenet1_0", "squeezenet1_1"}

@@ -180,3 +180,26 @@ def _split_row(prepared: PreparedDataset, source: str, row: int) -> str:
         if position < len(prepared.split[split]) and prepared.split[split][position] == row:
             return f"{split} split row {position} (trainval row {row})"
     return f"trainval row {row}"
+
+
+def unreadable_rows(prepared: PreparedDataset, tag: str | None = None) -> dict[str, np.ndarray]:
+    """The rows every training command leaves out: those whose image extraction could not
+    read (``--skip-bad``), as the feature file ``tag`` records them. Without that file (a
+    fine-tune whose backbone was never extracted), the rows any feature file of the
+    dataset records. Sorted int64 per source file."""
+    folder = prepared.path.parent / "features"
+    files = [feature_path(prepared.path.parent, tag)] if tag is not None else []
+    if not files or not files[0].is_file():
+        files = sorted(folder.glob("*.h5"))
+    out: dict[str, set[int]] = {source: set() for source in SOURCES}
+    for path in files:
+        try:
+            with h5py.File(path, "r") as h5:
+                if h5.attrs.get("dataset_fingerprint") != prepared.fingerprint:
+                    continue  # made from another image list: its rows mean other images
+                for source in SOURCES:
+                    if f"bad/{source}" in h5:
+                        out[source].update(int(r) for r in h5[f"bad/{source}"][()])
+        except OSError:
+            continue
+    return {source: np.array(sorted(rows), dtype=np.int64) for source, rows in out.items()}

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from spl.data import protocol
 from spl.data.common import SplError, safe_relative, write_json_atomic
 from spl.data.images import load_rgb
 from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
+from spl.data.runtime import Processes, default_workers
 from spl.extract.backbones import (
     DEFAULT_BACKBONE,
     BackboneSpec,
@@ -336,95 +338,6 @@ def run_chunks(
     return timing
 
 
-# --- processes (torchrun) ----------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @classmethod
-    def start(cls, device: str) -> Processes:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        chosen = resolve_device(device, local_rank if world > 1 else None)
-        if chosen.type == "cuda":
-            torch.cuda.set_device(chosen)
-        procs = cls(rank=rank, world=world, local_rank=local_rank, device=chosen)
-        if world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-                procs.owns_group = True
-        return procs
-
-    def all_ok(self, ok: bool) -> bool:
-        """True when every process says ok (a barrier too)."""
-        if self.world == 1:
-            return ok
-        import torch.distributed as dist
-
-        backend = dist.get_backend()
-        flag = torch.tensor([int(ok)], device=self.device if backend == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def together(self, work: Callable[[], object], *, everyone: bool = True):
-        """Run ``work`` (on every rank, or rank 0 only); if it fails anywhere, fail everywhere."""
-        error: BaseException | None = None
-        value = None
-        try:
-            if everyone or self.rank == 0:
-                value = work()
-        except Exception as exc:  # re-raised below, after the other ranks hear of it
-            error = exc
-        if not self.all_ok(error is None):
-            if error is not None:
-                raise error
-            raise SplError("another process of this torchrun job failed: see its message")
-        return value
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            self.all_ok(True)  # every rank arrives before the group goes away
-            dist.destroy_process_group()
-
-
-def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as exc:
-        raise SplError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SplError(f"--device {device}: no CUDA device here; use --device cpu")
-        if local_rank is not None:
-            chosen = torch.device("cuda", local_rank)
-        elif chosen.index is None:
-            chosen = torch.device("cuda", torch.cuda.current_device())
-    return chosen
-
-
-def default_workers(local_world: int = 1) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(16, cpus // max(local_world, 1) - 1))
-
-
 # --- the stage ---------------------------------------------------------------------------
 
 
@@ -471,7 +384,7 @@ def extract_features(
     weights: str | None = None,
     weights_path: Path | str | None = None,
     expected_sha256: str | None = None,
-    image_size: int = 448,
+    image_size: int = protocol.IMAGE_SIZE,
     batch_size: int | None = None,
     workers: int | None = None,
     dtype: str = "float32",

@@ -3,9 +3,14 @@
 Heads that share a batch size and a seed form a *group*: they see the same batches, so one
 matrix product computes all their logits, one product all their weight gradients, and one
 fused Adam call per learning rate updates them (on a CPU, one compiled pass forms the
-gradient inside the update: fused.py). Features sit on the device once. Val mAP
-is computed for every head after every epoch; each head keeps its best-epoch weights; the
+gradient inside the update: fused.py). Features sit on the device once. Val mAP is
+computed for every head after every epoch; each head keeps its best-epoch weights; the
 test split is scored once, with those weights (paper.md section 5).
+
+The losses are objects (:mod:`spl.fit.losses`); the engine asks each how to get its
+gradient: label-only weights (tabled once an epoch, closed form), a fused closed form for
+losses with trainable state (ROLE), a loss's own closed form, or autograd on its value.
+A loss's state (per row, per head) lives in the group; the loss's hooks update it.
 
 The estimator interface follows scikit-learn: ``StackedHeads(...)`` stores options,
 ``fit(...)`` trains and returns ``self``, learned state ends in ``_``.
@@ -15,31 +20,29 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from spl.data import protocol
+from spl.data.runtime import generator, resolve_device
 from spl.evaluate.metrics import mean_average_precision, probability_histogram
+from spl.evaluate.scoring import head_scores, recovery_map
 from spl.fit import fused
 from spl.fit.losses import (
     LOG_EPSILON,
-    LOSSES,
-    LossBatch,
-    LossOptions,
-    batch_loss,
-    estimator_init,
+    WITH_NEGATIVES,
+    Batch,
+    Context,
+    Loss,
+    get_loss,
     log_neg,
     log_pos,
+    make_losses,
 )
-
-PAPER_LRS = (1e-2, 1e-3, 1e-4, 1e-5)
-PAPER_BATCH_SIZES = (8, 16)
-PAPER_LINEAR_EPOCHS = 25
-HISTOGRAM_BINS = 20
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -52,20 +55,17 @@ class HeadConfig:
     @property
     def name(self) -> str:
         """A head's name says what it is, e.g. ``an_ls_lr0.0001_bs8_s0``."""
-        return f"{self.loss}_lr{self.lr:g}_bs{self.batch_size}_s{self.seed}"
+        return head_name(self.loss, self.lr, self.batch_size, self.seed)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def head_name(loss: str, lr: float, batch_size: int, seed: int) -> str:
+    return f"{loss}_lr{lr:g}_bs{batch_size}_s{seed}"
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled row order of one epoch: a function of (seed, epoch) alone, so a resumed
     run and a head trained alone see exactly the batches of an uninterrupted sweep."""
-    generator = torch.Generator().manual_seed(_mix(seed, epoch, 0))
-    return torch.randperm(num_rows, generator=generator)
+    return torch.randperm(num_rows, generator=generator(seed, epoch, "batches"))
 
 
 def epoch_batches(
@@ -83,35 +83,54 @@ def epoch_batches(
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
 
-def pseudo_negative_mask(shape: tuple[int, int], fraction: float, seed: int, epoch: int):
-    """The pseudo-negative sampling mask of one epoch (kept entries = 1)."""
-    generator = torch.Generator().manual_seed(_mix(seed, epoch, 1))
-    return (torch.rand(shape, generator=generator) < fraction).float()
-
-
-def estimator_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_mix(seed, 0, 2))
-
-
 def initial_head(
     num_features: int, num_classes: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial (weight [L, D], bias [L]) of every head of a seed: nn.Linear's default
     distribution U(-1/sqrt(D), 1/sqrt(D)) (the reference's head), drawn once per seed so
     that heads differ only by what the sweep varies."""
-    generator = torch.Generator().manual_seed(_mix(seed, 0, 3))
+    draw = generator(seed, 0, "head")
     bound = 1.0 / math.sqrt(num_features)
-    weight = torch.rand(num_classes, num_features, generator=generator, dtype=torch.float64) * 2 - 1
-    bias = torch.rand(num_classes, generator=generator, dtype=torch.float64) * 2 - 1
+    weight = torch.rand(num_classes, num_features, generator=draw, dtype=torch.float64) * 2 - 1
+    bias = torch.rand(num_classes, generator=draw, dtype=torch.float64) * 2 - 1
     return weight * bound, bias * bound
 
 
-def _mix(seed: int, epoch: int, stream: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
+@dataclass
+class _Slot:
+    """The heads of one loss in a group (their positions in the group) and its state."""
+
+    loss: Loss
+    positions: list[int]
+    index: torch.Tensor
+    state: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # of trainable state
+    best: dict[str, torch.Tensor] = field(default_factory=dict)  # snapshot at best epochs
+
+    @property
+    def route(self) -> str:
+        return gradient_route(type(self.loss))
+
+
+def gradient_route(loss: type[Loss]) -> str:
+    """How the engine gets a loss's gradient: ``weights`` (label-only weights, tabled per
+    epoch), ``fused`` (state-derived weights in the compiled step), ``closed_form`` (the
+    loss's own logit gradient) or ``autograd`` (on its value)."""
+    if loss.fused_step is not Loss.fused_step:
+        return "fused"
+    if loss.weights is not Loss.weights:
+        return "weights"
+    if loss.logit_gradient is not Loss.logit_gradient:
+        return "closed_form"
+    return "autograd"
+
+
+def _overrides(loss: Loss, hook: str) -> bool:
+    return getattr(type(loss), hook) is not getattr(Loss, hook)
 
 
 class _Group:
-    """The heads of one (batch size, seed): stacked weights, their Adam, ROLE estimators.
+    """The heads of one (batch size, seed): stacked weights, their Adam, the losses' state.
 
     Weights live in ``weight_t``, ``[n_lrs, D + 1, heads_per_lr * L]``: each head's bias is
     its last row, matched by a column of ones appended to the features, so one batched
@@ -123,21 +142,21 @@ class _Group:
 
     def __init__(
         self,
-        heads,
-        num_features,
-        num_classes,
-        observed,
-        options,
-        device,
-        dtype,
-        graphs=False,
-        compiled=True,
+        heads: list[HeadConfig],
+        losses: Mapping[str, Loss],
+        num_features: int,
+        observed_sets: Mapping[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        graphs: bool = False,
+        compiled: bool = True,
     ):
         # Heads sorted by lr: each lr's heads form one contiguous block of the stacked
         # weights, so one fused Adam call (one param group) updates the block in place.
         self.heads = sorted(heads, key=lambda h: (-h.lr, h.loss))
         self.batch_size, self.seed = heads[0].batch_size, heads[0].seed
         n_heads = len(self.heads)
+        num_classes = next(iter(observed_sets.values())).shape[1]
         self.num_classes = num_classes
         self.blocks = len({h.lr for h in self.heads})  # the grid gives each lr every loss
         weight, bias = initial_head(num_features, num_classes, self.seed)
@@ -145,35 +164,38 @@ class _Group:
         heads_layout = initial.expand(n_heads, *initial.shape)
         self.weight_t = _to_blocks(heads_layout, self.blocks).to(device)
         self.weight_grad_t = torch.zeros_like(self.weight_t)
-        specs = [LOSSES[h.loss] for h in self.heads]
-        self.weighted_types = sorted(
-            {h.loss for h, s in zip(self.heads, specs, strict=True) if s.weights}
-        )
-        weighted = [i for i, s in enumerate(specs) if s.weights is not None]
+        self.slots: dict[str, _Slot] = {}
+        for key in dict.fromkeys(h.loss for h in self.heads):
+            loss = losses[key]
+            positions = [i for i, h in enumerate(self.heads) if h.loss == key]
+            state = loss.init_state(
+                observed_sets[loss.trains_on], heads=len(positions), seed=self.seed
+            )
+            index = torch.tensor(positions, device=device, dtype=torch.long)
+            self.slots[key] = _Slot(loss, positions, index, state)
+        self.weighted_types = sorted(k for k, s in self.slots.items() if s.route == "weights")
+        weighted = [i for i, h in enumerate(self.heads) if h.loss in self.weighted_types]
         self.weighted_index = torch.tensor(weighted, device=device, dtype=torch.long)
         self.weighted_type = torch.tensor(
             [self.weighted_types.index(self.heads[i].loss) for i in weighted],
             device=device,
             dtype=torch.long,
         )
-        self.role = [i for i, h in enumerate(self.heads) if h.loss == "role"]
-        self.role_index = torch.tensor(self.role, device=device, dtype=torch.long)
-        custom = [i for i, s in enumerate(specs) if s.custom is not None and s.key != "role"]
-        self.custom = {
-            key: torch.tensor([i for i in custom if self.heads[i].loss == key], device=device)
-            for key in sorted({self.heads[i].loss for i in custom})
-        }
-        reg = [s.expected_positive_weight or (0.5 if s.key == "role" else 0.0) for s in specs]
+        self.fused_slots = [s for s in self.slots.values() if s.route == "fused"]
+        self.custom_slots = [s for s in self.slots.values() if s.route in ("closed_form", "autograd")]  # fmt: skip
+        self.hooked_slots = [s for s in self.slots.values() if _overrides(s.loss, "after_step")]
+        reg = [float(losses[h.loss].regulariser_weight) for h in self.heads]
         self.reg_weight = torch.tensor(reg, device=device, dtype=dtype)
-        if self.role:
-            theta = estimator_init(observed.cpu(), estimator_generator(self.seed)).to(dtype)
-            self.theta = theta.expand(len(self.role), *theta.shape).contiguous().to(device)
-            self.theta_grad = torch.zeros_like(self.theta)
-        else:
-            self.theta = self.theta_grad = None
+        self.reg_target = torch.tensor(
+            [_expected_positives(losses[h.loss]) for h in self.heads], device=device, dtype=dtype
+        )
+        for slot in self.slots.values():
+            for name in slot.loss.trainable:
+                slot.grads[name] = torch.zeros_like(slot.state[name])
+            slot.best = {name: slot.state[name].clone() for name in slot.loss.snapshot}
         # CUDA graphs replay optimizer.step(): Adam must keep its step count on the device.
         self.capturable = bool(graphs) and torch.device(device).type == "cuda"
-        self.optimizer = self._make_optimizer(options, capturable=self.capturable)
+        self.optimizer = self._make_optimizer(capturable=self.capturable)
         # On a CPU, one compiled pass forms the weight gradient and applies Adam (fused.py).
         self.compiled = (
             compiled and not self.capturable and bool(self.optimizer.param_groups[0].get("fused"))
@@ -183,25 +205,25 @@ class _Group:
             self.exp_avg_sq_t = torch.zeros_like(self.weight_t)
             self._bind_moments()
         self.best_weight = self.weight
-        self.best_theta = self.theta.clone() if self.theta is not None else None
         self.best_val = torch.full((n_heads,), -1.0, dtype=torch.float64)
         self.best_epoch = torch.zeros(n_heads, dtype=torch.long)
         self.epochs_done = 0
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loss_sum: torch.Tensor | None = None
         self.graph = None
 
-    def _make_optimizer(self, options: LossOptions, capturable: bool) -> torch.optim.Optimizer:
+    def _make_optimizer(self, capturable: bool) -> torch.optim.Optimizer:
         groups = []
         per_block = len(self.heads) // self.blocks
         for block in range(self.blocks):
             param = _view_param(self.weight_t[block], self.weight_grad_t[block])
             groups.append({"params": [param], "lr": self.heads[block * per_block].lr})
-        for slot, head_index in enumerate(self.role):
-            # ROLE's estimator learns at lr x multiplier (10 in the paper). Adam on theta is
-            # dense: once a row has a gradient its moments keep moving it on every step,
-            # not only when the row is in the batch (parity with the reference).
-            lr = self.heads[head_index].lr * options.estimator_lr_multiplier
-            param = _view_param(self.theta[slot], self.theta_grad[slot])
-            groups.append({"params": [param], "lr": lr})
+        for slot in self.slots.values():
+            for name in slot.loss.trainable:
+                multiplier = slot.loss.lr_multiplier(name)
+                for k, position in enumerate(slot.positions):
+                    param = _view_param(slot.state[name][k], slot.grads[name][k])
+                    groups.append({"params": [param], "lr": self.heads[position].lr * multiplier})
         return _adam(groups, self.weight_t.device, capturable)
 
     def _bind_moments(self) -> None:
@@ -226,7 +248,7 @@ class _Group:
 
     def update(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """Adam step of every head from the batch ``x [B, D + 1]`` and the logit gradients
-        ``grad_out [blocks, B, per * L]``, the estimators' gradients already in place."""
+        ``grad_out [blocks, B, per * L]``, the state's gradients already in place."""
         if self.compiled:
             groups = self.optimizer.param_groups[: self.blocks]
             states = [self.optimizer.state[g["params"][0]] for g in groups]
@@ -242,7 +264,7 @@ class _Group:
             )  # fmt: skip
             if done:
                 torch._foreach_add_([s["step"] for s in states], 1)
-                self.adam_step(first=self.blocks)  # ROLE's estimators
+                self.adam_step(first=self.blocks)  # the losses' trainable state
                 return
             self.compiled = False
         torch.matmul(x.t(), grad_out, out=self.weight_grad_t)
@@ -287,12 +309,24 @@ class _Group:
         """The weights in the head layout ``[H, L, D + 1]`` (a copy)."""
         return _to_heads(self.weight_t, self.num_classes)
 
+    def head_state(self, position: int, *, best: bool = True) -> dict[str, torch.Tensor]:
+        """The state of the head at ``position``: its slice of its loss's state (the best
+        epoch's snapshot for the tensors the loss keeps one of)."""
+        slot = self.slots[self.heads[position].loss]
+        k = slot.positions.index(position)
+        out = {}
+        for name, tensor in slot.state.items():
+            source = slot.best[name] if best and name in slot.best else tensor
+            out[name] = source[k] if _per_head(slot, name) else source
+        return out
+
     def state_dict(self) -> dict:
         """A copy on the CPU (a snapshot: training on does not change it)."""
         optimizer = self.optimizer.state_dict()
         return {
             "weight": _copy(self.weight),
-            "theta": _copy(self.theta),
+            "loss_state": {k: _copy_dict(s.state) for k, s in self.slots.items()},
+            "best_loss_state": {k: _copy_dict(s.best) for k, s in self.slots.items()},
             "adam": {
                 "state": {
                     i: {k: _copy(v) for k, v in s.items()} for i, s in optimizer["state"].items()
@@ -300,7 +334,6 @@ class _Group:
                 "param_groups": optimizer["param_groups"],
             },
             "best_weight": _copy(self.best_weight),
-            "best_theta": _copy(self.best_theta),
             "best_val": _copy(self.best_val),
             "best_epoch": _copy(self.best_epoch),
             "epochs_done": self.epochs_done,
@@ -308,9 +341,11 @@ class _Group:
 
     def load_state_dict(self, state: dict) -> None:
         self.weight_t.copy_(_to_blocks(state["weight"].to(self.weight_t), self.blocks))
-        if self.theta is not None:
-            self.theta.copy_(state["theta"])
-            self.best_theta.copy_(state["best_theta"])
+        for key, slot in self.slots.items():
+            for name, tensor in state["loss_state"][key].items():
+                slot.state[name].copy_(tensor)
+            for name, tensor in state["best_loss_state"][key].items():
+                slot.best[name].copy_(tensor)
         self.optimizer.load_state_dict(state["adam"])  # casts moments to the device
         for group in self.optimizer.param_groups:  # a checkpoint may come from the CPU
             group["capturable"] = self.capturable
@@ -320,6 +355,23 @@ class _Group:
         self.best_val.copy_(state["best_val"])
         self.best_epoch.copy_(state["best_epoch"])
         self.epochs_done = int(state["epochs_done"])
+
+
+def _per_head(slot: _Slot, name: str) -> bool:
+    """Whether a state tensor has one entry per head of its slot (leading dimension)."""
+    tensor = slot.state[name]
+    return (
+        name in slot.loss.trainable
+        or name in slot.loss.snapshot
+        or (tensor.dim() > 2 and tensor.shape[0] == len(slot.positions))
+    )
+
+
+def _expected_positives(loss: Loss) -> float:
+    """k of a loss with R_k (its option, else the dataset's); 0 for the others."""
+    if not loss.regulariser_weight:
+        return float(loss.context.expected_positives or 0.0)
+    return loss.expected_positives()
 
 
 def _to_blocks(weight: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -346,6 +398,10 @@ def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().to("cpu", copy=True)
 
 
+def _copy_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: _copy(tensor) for name, tensor in tensors.items()}
+
+
 def _view_param(view: torch.Tensor, grad_view: torch.Tensor) -> torch.Tensor:
     """A leaf sharing storage with a block of the stacked tensor, with its gradient a view
     of the stacked gradient: Adam's in-place update lands in the stacked weights."""
@@ -355,7 +411,7 @@ def _view_param(view: torch.Tensor, grad_view: torch.Tensor) -> torch.Tensor:
 
 
 def _adam(groups: list[dict], device: torch.device, capturable: bool) -> torch.optim.Optimizer:
-    options = {"betas": ADAM_BETAS, "eps": ADAM_EPS, "weight_decay": 0.0}
+    options = {"betas": protocol.ADAM_BETAS, "eps": protocol.ADAM_EPS, "weight_decay": 0.0}
     try:
         return torch.optim.Adam(groups, fused=True, capturable=capturable, **options)
     except (RuntimeError, TypeError):  # fused kernel missing for this device or dtype
@@ -367,21 +423,21 @@ def batch_gradients(
     weight_t: torch.Tensor,
     tables: tuple[torch.Tensor, torch.Tensor] | None,
     weighted_index: torch.Tensor,
-    observed_pos: torch.Tensor | None,
-    theta: torch.Tensor | None,
-    role_index: torch.Tensor,
+    fused_parts: tuple,
     reg_weight: torch.Tensor,
-    k: float,
+    reg_target: torch.Tensor,
     num_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
     """Logits, per-head losses and closed-form logit gradients of one batch for a group.
 
     For a weighted loss M = A l+(p) + B l-(p), dM/dx = -A s/(p + eps) + B s/(1 - p + eps)
     with s = p(1 - p); R_k adds 2 (c - k) / (L^2 B) * s per entry (c: mean positive count).
-    ``tables`` holds the batch's A and B for the weighted heads, ``theta`` ROLE's estimator
-    logits on the batch rows ``[R, B, L]``. Returns logits and grad as ``[B, H, L]`` and
-    the estimators' gradient ``[R, B, L]`` (None without ROLE). A pure function of tensors,
-    so that on a CPU it runs compiled as one or two loops instead of ~80 small kernels.
+    ``tables`` holds the batch's A and B for the heads with label-only weights;
+    ``fused_parts`` is one ``(loss, index, observed [B, L], state rows, k)`` per loss whose
+    weights come from its trainable state (ROLE), whose :meth:`~Loss.fused_step` gives its
+    weights and its state's gradient. Returns logits and grad as ``[B, H, L]`` and the
+    state gradients (one dict per fused part). A pure function of tensors, so that on a
+    CPU it runs compiled as one or two loops instead of ~80 small kernels.
     """
     blocks, _, columns = weight_t.shape
     batch = x.shape[0]
@@ -396,57 +452,49 @@ def batch_gradients(
     if tables is not None:
         pos_w.index_copy_(1, weighted_index, tables[0])
         neg_w.index_copy_(1, weighted_index, tables[1])
-    estimate = None
-    if theta is not None:
-        estimate = torch.sigmoid(theta).transpose(0, 1)  # [B, R, L]
-        # ROLE's classifier side is weighted: targets are the (stopped) estimates.
-        pos_w.index_copy_(1, role_index, 0.5 * (observed_pos[:, None] + estimate))
-        neg_w.index_copy_(1, role_index, 0.5 * (1 - estimate))
+    steps = []
+    for loss, index, observed, state_rows, k in fused_parts:
+        step = loss.fused_step(p.index_select(1, index).detach(), observed, state_rows, k)
+        # The loss's classifier side is weighted: targets from its (stopped) state.
+        pos_w.index_copy_(1, index, step.pos_weight)
+        neg_w.index_copy_(1, index, step.neg_weight)
+        steps.append(step)
     per_head = (pos_w * log_pos(p) + neg_w * log_neg(p)).sum(dim=(0, 2)) * scale
     s = p * (1 - p)
     grad = (neg_w * (s / (1 - p + LOG_EPSILON)) - pos_w * (s / (p + LOG_EPSILON))) * scale
     count = p.sum(dim=2).mean(dim=0)  # [H] mean predicted positives per image
-    per_head = per_head + reg_weight * (count - k) ** 2 / num_classes**2
-    grad = grad + (reg_weight * 2 * (count - k) / (num_classes**2 * batch))[:, None] * s
-    e_grad = None
-    if estimate is not None:
-        p_role = p.index_select(1, role_index).detach()  # [B, R, L]
-        e_s = estimate * (1 - estimate)
-        e_pos = 0.5 * (observed_pos[:, None] + p_role)
-        e_neg = 0.5 * (1 - p_role)
-        e_count = estimate.sum(dim=2).mean(dim=0)  # [R]
-        e_loss = (e_pos * log_pos(estimate) + e_neg * log_neg(estimate)).sum(dim=(0, 2))
-        e_loss = e_loss * scale + 0.5 * (e_count - k) ** 2 / num_classes**2
-        per_head = per_head.index_add(0, role_index, e_loss)
-        e_grad = (e_neg * (e_s / (1 - estimate + LOG_EPSILON))) - e_pos * (
-            e_s / (estimate + LOG_EPSILON)
-        )
-        e_grad = (
-            e_grad * scale + (2 * 0.5 * (e_count - k) / (num_classes**2 * batch))[:, None] * e_s
-        )
-        e_grad = e_grad.transpose(0, 1)
-    return logits, per_head, grad, e_grad
+    per_head = per_head + reg_weight * (count - reg_target) ** 2 / num_classes**2
+    grad = grad + (reg_weight * 2 * (count - reg_target) / (num_classes**2 * batch))[:, None] * s
+    for (_, index, _, _, _), step in zip(fused_parts, steps, strict=True):
+        per_head = per_head.index_add(0, index, step.extra_loss)
+    return logits, per_head, grad, tuple(step.state_grads for step in steps)
 
 
 class StackedHeads:
     """Train many linear heads on cached features at once (one per loss x lr x bs x seed).
 
     >>> model = StackedHeads(losses=["an", "role"], lrs=[1e-3], batch_sizes=[8]).fit(
-    ...     X, observed, labels=Y, X_val=Xv, Y_val=Yv)
-    >>> model.best_val_map_, model.decision_function(X_test)
+    ...     X, observed, labels=Y, X_val=Xv, Y_val=Yv, X_test=Xt, Y_test=Yt)
+    >>> model.best_val_map_, model.results_, model.decision_function(X_test)
+
+    ``loss_options`` maps a loss key to its option overrides (``{"role":
+    {"estimator_lr_multiplier": 5}}``); ``expected_positives`` and ``dataset`` are what the
+    losses know of the data (k, and the name that picks per-dataset defaults).
     """
 
     def __init__(
         self,
         losses: Sequence[str] = ("an",),
-        lrs: Sequence[float] = PAPER_LRS,
-        batch_sizes: Sequence[int] = PAPER_BATCH_SIZES,
+        lrs: Sequence[float] = protocol.LRS,
+        batch_sizes: Sequence[int] = protocol.BATCH_SIZES,
         seeds: Sequence[int] = (0,),
-        epochs: int = PAPER_LINEAR_EPOCHS,
-        options: LossOptions | None = None,
+        epochs: int = protocol.LINEAR_EPOCHS,
+        loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+        expected_positives: float | None = None,
+        dataset: str | None = None,
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
-        histogram_bins: int = HISTOGRAM_BINS,
+        histogram_bins: int = protocol.HISTOGRAM_BINS,
         eval_chunk_heads: int = 16,
         cuda_graphs: bool = True,
     ) -> None:
@@ -455,7 +503,9 @@ class StackedHeads:
         self.batch_sizes = list(batch_sizes)
         self.seeds = list(seeds)
         self.epochs = epochs
-        self.options = options or LossOptions()
+        self.loss_options = loss_options
+        self.expected_positives = expected_positives
+        self.dataset = dataset
         self.device = device
         self.dtype = dtype
         self.histogram_bins = histogram_bins
@@ -463,15 +513,6 @@ class StackedHeads:
         self.cuda_graphs = cuda_graphs
 
     # ------------------------------------------------------------------ public API
-
-    def head_configs(self) -> list[HeadConfig]:
-        return [
-            HeadConfig(loss, lr, bs, seed)
-            for seed in self.seeds
-            for bs in self.batch_sizes
-            for lr in self.lrs
-            for loss in self.losses
-        ]
 
     def fit(
         self,
@@ -482,71 +523,38 @@ class StackedHeads:
         X_val: np.ndarray | torch.Tensor,
         Y_val: np.ndarray | torch.Tensor,
         observed_iu: np.ndarray | torch.Tensor | None = None,
+        X_test: np.ndarray | torch.Tensor | None = None,
+        Y_test: np.ndarray | torch.Tensor | None = None,
         state: dict | None = None,
         on_epoch: Callable[[StackedHeads, dict], None] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> StackedHeads:
         """Train every head; ``state`` (from :meth:`state_dict`) resumes an interrupted sweep.
 
-        ``labels`` are the full training labels: read only by the full-label baselines and
-        IUN's true negatives, and for the recovery analysis. ``observed_iu`` is IU's
-        observed set (1 positive + 1 negative per image).
+        ``labels`` are the full training labels: read only by the losses that read them
+        (the full-label baselines, IUN's true negatives) and for the recovery analysis.
+        ``observed_iu`` is the observed set with negatives (1 positive + 1 negative per
+        image) that losses training on observed negatives (IU) see. With ``X_test`` and
+        ``Y_test`` the test split is scored once with every head's best weights:
+        :attr:`results_`, :attr:`per_class_ap_`.
         """
-        for key in self.losses:
-            if key not in LOSSES:
-                raise KeyError(f"unknown loss {key!r}; available: {', '.join(LOSSES)}")
-        device = resolve_device(self.device)
-        self.device_ = device
-        dtype = self.dtype
-        X = _augment(_tensor(X, dtype, device))
-        X_val = _augment(_tensor(X_val, dtype, device))
-        observed = _tensor(observed, dtype, device)
-        labels = _tensor(labels, dtype, device)
-        Y_val = _tensor(Y_val, dtype, device)
-        observed_iu = None if observed_iu is None else _tensor(observed_iu, dtype, device)
-        num_rows, num_features = X.shape[0], X.shape[1] - 1
-        num_classes = observed.shape[1]
-        if "iu" in self.losses and observed_iu is None:
-            raise ValueError("iu needs observed_iu: an observed set with 1 positive + 1 negative")
-        small = [b for b in self.batch_sizes if b > num_rows]
-        if small:
-            raise ValueError(
-                f"the training split has {num_rows} rows, fewer than batch size {small[0]}"
-            )
-        self._data = {"X": X, "observed": observed, "labels": labels, "observed_iu": observed_iu}
-        # Entries whose probabilities the paper's figure follows: unobserved positives.
-        self.hidden_positive_mask_ = (labels == 1) & (observed == 0)
-        self.heads_: list[HeadConfig] = []
-        self.groups_: list[_Group] = []
-        for seed in self.seeds:
-            for bs in self.batch_sizes:
-                heads = [HeadConfig(loss, lr, bs, seed) for lr in self.lrs for loss in self.losses]
-                # Weight entries times steps: compiling pays off only for large sweeps.
-                work = (num_features + 1) * num_classes * len(heads)
-                work *= (num_rows // bs) * self.epochs
-                group = _Group(
-                    heads, num_features, num_classes, observed, self.options, device, dtype,
-                    graphs=self.cuda_graphs, compiled=fused.enabled(device, work),
-                )  # fmt: skip
-                self.groups_.append(group)
-                self.heads_.extend(group.heads)
-        self.history_: list[dict] = []
-        if state is not None:
-            self._load_state(state)
+        self._setup(X, observed, labels, X_val, Y_val, observed_iu, state)
         self.train_seconds_ = 0.0
         for group in self.groups_:
             while group.epochs_done < self.epochs:
                 start = time.perf_counter()
                 record = self._train_epoch(group, on_step)
-                record.update(self._validate(group, X, X_val, Y_val))
+                record.update(self._validate(group))
                 record["seconds"] = time.perf_counter() - start
                 self.train_seconds_ += record["seconds"]
                 self.history_.extend(_split_record(group, record))
                 if on_epoch is not None:
                     on_epoch(self, {"group": group, **record})
             group.graph = None
-        self._data = None
         self._collect()
+        if X_test is not None and Y_test is not None:
+            self._score(X_test, Y_test)
+        self._data = None
         return self
 
     def decision_function(self, X: np.ndarray | torch.Tensor, *, best: bool = True) -> torch.Tensor:
@@ -564,14 +572,20 @@ class StackedHeads:
             [self._map(X, g.best_weight if best else g.weight, Y) for g in self.groups_]
         ).numpy()
 
-    def estimator_probabilities(self, head: HeadConfig, *, best: bool = True) -> torch.Tensor:
-        """ROLE: the label estimates sigmoid(theta) ``[N_train, L]`` of one head."""
+    def head_state(self, head: HeadConfig, *, best: bool = True) -> dict[str, torch.Tensor]:
+        """The loss state of one head (e.g. ROLE's ``theta`` ``[N_train, L]``), at its best
+        epoch by default."""
         for group in self.groups_:
             if head in group.heads:
-                slot = group.role.index(group.heads.index(head))
-                theta = group.best_theta if best else group.theta
-                return torch.sigmoid(theta[slot].float()).cpu()
+                return group.head_state(group.heads.index(head), best=best)
         raise KeyError(f"no head {head.name}")
+
+    def estimator_probabilities(self, head: HeadConfig, *, best: bool = True) -> torch.Tensor:
+        """The label estimates of one head's loss (ROLE: sigmoid(theta)) ``[N_train, L]``."""
+        estimates = self.losses_[head.loss].label_estimates(self.head_state(head, best=best))
+        if estimates is None:
+            raise KeyError(f"{head.loss} keeps no label estimates")
+        return estimates.cpu()
 
     def state_dict(self) -> dict:
         """Everything needed to resume after the last finished epoch of each group."""
@@ -583,6 +597,61 @@ class StackedHeads:
 
     # ------------------------------------------------------------------ internals
 
+    def _setup(self, X, observed, labels, X_val, Y_val, observed_iu, state) -> None:
+        """Check the inputs, put the data on the device and build the groups."""
+        for key in self.losses:
+            get_loss(key)
+        device = resolve_device(self.device)
+        self.device_ = device
+        dtype = self.dtype
+        X = _augment(_tensor(X, dtype, device))
+        observed = _tensor(observed, dtype, device)
+        labels = _tensor(labels, dtype, device)
+        num_rows, num_features = X.shape[0], X.shape[1] - 1
+        num_classes = observed.shape[1]
+        context = Context(num_classes, self.expected_positives, self.dataset)
+        self.losses_ = make_losses(self.losses, self.loss_options, context)
+        observed_sets = {loss.trains_on: observed for loss in self.losses_.values()}
+        needs_negatives = [k for k, v in self.losses_.items() if v.trains_on == WITH_NEGATIVES]
+        if needs_negatives:
+            if observed_iu is None:
+                raise ValueError(
+                    f"{needs_negatives[0]} trains on observed negatives: pass observed_iu, an "
+                    "observed set with 1 positive + 1 negative per image"
+                )
+            observed_sets[WITH_NEGATIVES] = _tensor(observed_iu, dtype, device)
+        small = [b for b in self.batch_sizes if b > num_rows]
+        if small:
+            raise ValueError(
+                f"the training split has {num_rows} rows, fewer than batch size {small[0]}"
+            )
+        self._data = {
+            "X": X,
+            "X_val": _augment(_tensor(X_val, dtype, device)),
+            "Y_val": _tensor(Y_val, dtype, device),
+            "observed": observed_sets,
+            "labels": labels,
+        }
+        # Entries whose probabilities the paper's figure follows: unobserved positives.
+        self.hidden_positive_mask_ = (labels == 1) & (observed == 0)
+        self.heads_: list[HeadConfig] = []
+        self.groups_: list[_Group] = []
+        for seed in self.seeds:
+            for bs in self.batch_sizes:
+                heads = [HeadConfig(loss, lr, bs, seed) for lr in self.lrs for loss in self.losses]
+                # Weight entries times steps: compiling pays off only for large sweeps.
+                work = (num_features + 1) * num_classes * len(heads)
+                work *= (num_rows // bs) * self.epochs
+                group = _Group(
+                    heads, self.losses_, num_features, observed_sets, device, dtype,
+                    graphs=self.cuda_graphs, compiled=fused.enabled(device, work),
+                )  # fmt: skip
+                self.groups_.append(group)
+                self.heads_.extend(group.heads)
+        self.history_: list[dict] = []
+        if state is not None:
+            self._load_state(state)
+
     def _load_state(self, state: dict) -> None:
         saved = [HeadConfig(**h) for h in state["heads"]]
         if saved != [h for g in self.groups_ for h in g.heads]:
@@ -591,58 +660,81 @@ class StackedHeads:
             group.load_state_dict(group_state)
         self.history_ = list(state["history"])
 
-    def _epoch_tables(self, group: _Group, epoch: int) -> None:
-        """Per-row loss weights (A for l+, B for l-) of every weighted loss, for one epoch:
-        ``[N, T, L]``; only pseudo-negative sampling changes them between epochs."""
+    def _batch(self, slot: _Slot, rows: torch.Tensor | None, epoch: int) -> Batch:
+        """What ``slot``'s loss sees of the batch ``rows`` (None: every training row)."""
         data = self._data
-        observed, labels = data["observed"], data["labels"]
-        pseudo = None
-        if "pseudo_neg" in group.weighted_types:
-            fraction = self.options.pseudo_negative_fraction
-            pseudo = pseudo_negative_mask(tuple(observed.shape), fraction, group.seed, epoch)
-            pseudo = pseudo.to(observed.device, observed.dtype)
+        observed, labels = data["observed"][slot.loss.trains_on], data["labels"]
+        if rows is not None:
+            observed, labels = observed.index_select(0, rows), labels.index_select(0, rows)
+        return Batch(observed, labels, epoch, self.epochs, slot.loss.batch_state(slot.state, rows))
+
+    def _epoch_tables(self, group: _Group, epoch: int) -> None:
+        """Per-row loss weights (A for l+, B for l-) of every loss with label-only weights,
+        for one epoch: ``[N, T, L]``."""
         pos_tables, neg_tables = [], []
         for key in group.weighted_types:
-            seen = data["observed_iu"] if key == "iu" else observed
-            batch = LossBatch(labels=labels, observed=seen, pseudo_negatives=pseudo)
-            pos, neg = LOSSES[key].weights(batch, self.options, observed.shape[1])
-            pos_tables.append(pos)
-            neg_tables.append(neg)
-        tables = getattr(group, "tables", None)
+            slot = group.slots[key]
+            pos, neg = slot.loss.weights(self._batch(slot, None, epoch))
+            pos_tables.append(pos.expand_as(self._data["labels"]))
+            neg_tables.append(neg.expand_as(self._data["labels"]))
         if pos_tables:
             pos, neg = torch.stack(pos_tables, 1), torch.stack(neg_tables, 1)
-            if tables is None:
+            if group.tables is None:
                 group.tables = (pos, neg)
             else:  # in place: a captured CUDA graph reads these buffers
-                tables[0].copy_(pos)
-                tables[1].copy_(neg)
-        else:
-            group.tables = None
+                group.tables[0].copy_(pos)
+                group.tables[1].copy_(neg)
 
     def _train_epoch(self, group: _Group, on_step) -> dict:
         epoch = group.epochs_done + 1
         X = self._data["X"]
+        for slot in group.slots.values():
+            slot.loss.on_epoch_start(
+                slot.state, epoch=epoch, num_epochs=self.epochs, seed=group.seed
+            )
         self._epoch_tables(group, epoch)
-        if getattr(group, "loss_sum", None) is None:
+        if group.loss_sum is None:
             group.loss_sum = torch.zeros(len(group.heads), dtype=torch.float64, device=X.device)
         group.loss_sum.zero_()  # in place: a captured CUDA graph accumulates into this buffer
         batches = epoch_batches(X.shape[0], group.batch_size, group.seed, epoch - 1, X.device)
-        use_graph = self.cuda_graphs and X.device.type == "cuda" and not group.custom
+        use_graph = (
+            self.cuda_graphs
+            and X.device.type == "cuda"
+            and not group.custom_slots
+            and not group.hooked_slots
+        )
         for step, rows in enumerate(batches):
             if use_graph and group.graph is None and step == 3:
-                self._capture(group, rows)
+                self._capture(group, rows, epoch)
             if group.graph is not None:
                 group.rows.copy_(rows)
                 group.graph.replay()
             else:
-                self._step(group, rows)
+                self._step(group, rows, epoch)
             if on_step is not None:
                 on_step(step)
         group.epochs_done = epoch
+        self._end_epoch(group, epoch)
         loss = (group.loss_sum / max(len(batches), 1)).cpu()
         return {"epoch": epoch, "train_loss": loss}
 
-    def _capture(self, group: _Group, rows: torch.Tensor) -> None:
+    def _end_epoch(self, group: _Group, epoch: int) -> None:
+        """The losses' end-of-epoch hooks, with a scoring pass over the training rows for
+        those that ask for one."""
+        weight = None
+        for slot in group.slots.values():
+            scores = None
+            if slot.loss.wants_scores(epoch=epoch, num_epochs=self.epochs):
+                if weight is None:
+                    weight = group.weight
+                with torch.no_grad():
+                    logits = _logits(self._data["X"], weight.index_select(0, slot.index))
+                    scores = torch.sigmoid(logits)
+            slot.loss.on_epoch_end(
+                slot.state, epoch=epoch, num_epochs=self.epochs, seed=group.seed, scores=scores
+            )
+
+    def _capture(self, group: _Group, rows: torch.Tensor, epoch: int) -> None:
         """Record one training step as a CUDA graph: a step is ~100 small kernels, and
         replaying them as one graph removes the launch overhead that dominates on a GPU."""
         try:
@@ -653,7 +745,7 @@ class StackedHeads:
             graph = torch.cuda.CUDAGraph()
             # Capture records the kernels without running them: weights stay untouched.
             with torch.cuda.graph(graph, stream=stream):
-                self._step(group, group.rows)
+                self._step(group, group.rows, epoch)
             group.graph = graph
         except RuntimeError as exc:  # pragma: no cover - depends on the CUDA build
             import warnings
@@ -661,50 +753,76 @@ class StackedHeads:
             warnings.warn(f"CUDA graph capture failed ({exc}); training eagerly", stacklevel=2)
             group.graph = None
 
-    def _step(self, group: _Group, rows: torch.Tensor) -> None:
-        """One Adam step of every head in the group (gradients: :func:`batch_gradients`)."""
+    def step_gradients(
+        self, group: _Group, rows: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[_Slot, dict]]]:
+        """One batch of a group, without the update: logits ``[B, H, L]``, per-head losses,
+        the logit gradients ``[B, H, L]`` on every head's route, and each trainable state's
+        gradient on the batch rows."""
         data = self._data
         x = data["X"].index_select(0, rows)  # [B, D + 1], ones column last
-        blocks, _, columns = group.weight_t.shape
-        batch = x.shape[0]
-        tables = observed_pos = theta = None
+        tables = None
         if group.tables is not None:
             tables = tuple(
                 t.index_select(0, rows).index_select(1, group.weighted_type) for t in group.tables
             )
-        if group.role:
-            observed_pos = (data["observed"].index_select(0, rows) == 1).to(x.dtype)
-            theta = group.theta.index_select(1, rows)  # [R, B, L]
+        fused_parts = tuple(
+            (
+                slot.loss,
+                slot.index,
+                data["observed"][slot.loss.trains_on].index_select(0, rows),
+                {name: slot.state[name].index_select(1, rows) for name in slot.loss.trainable},
+                _expected_positives(slot.loss),
+            )
+            for slot in group.fused_slots
+        )
         args = (
-            x, group.weight_t, tables, group.weighted_index, observed_pos, theta,
-            group.role_index, group.reg_weight, float(self.options.expected_positives),
-            group.num_classes,
+            x, group.weight_t, tables, group.weighted_index, fused_parts, group.reg_weight,
+            group.reg_target, group.num_classes,
         )  # fmt: skip
         if group.compiled:
-            logits, per_head, grad, e_grad = fused.run(batch_gradients, *args)
+            logits, per_head, grad, state_grads = fused.run(batch_gradients, *args)
         else:
-            logits, per_head, grad, e_grad = batch_gradients(*args)
-        for key, index in group.custom.items():
-            grad.index_copy_(1, index, self._custom_grad(key, logits, index, rows, per_head))
-        if group.role:
-            group.theta_grad.index_copy_(1, rows, e_grad)
-        grad_t = grad.reshape(batch, blocks, columns).transpose(0, 1)  # [blocks, B, per * L]
+            logits, per_head, grad, state_grads = batch_gradients(*args)
+        for slot in group.custom_slots:
+            loss, slot_grad = self._custom_grad(slot, logits, rows, epoch)
+            grad.index_copy_(1, slot.index, slot_grad)
+            per_head.index_copy_(0, slot.index, loss)
+        return logits, per_head, grad, list(zip(group.fused_slots, state_grads, strict=True))
+
+    def _step(self, group: _Group, rows: torch.Tensor, epoch: int) -> None:
+        """One Adam step of every head in the group."""
+        x = self._data["X"].index_select(0, rows)
+        blocks, _, columns = group.weight_t.shape
+        logits, per_head, grad, state_grads = self.step_gradients(group, rows, epoch)
+        for slot, grads in state_grads:
+            for name, value in grads.items():
+                slot.grads[name].index_copy_(1, rows, value)
+        grad_t = grad.reshape(x.shape[0], blocks, columns).transpose(0, 1)  # [blocks, B, per*L]
         group.update(x, grad_t)
-        if group.role:
-            group.theta_grad.index_fill_(1, rows, 0)  # the estimator's gradient lives on batch rows
+        for slot, grads in state_grads:
+            for name in grads:  # the state's gradient lives on the batch rows only
+                slot.grads[name].index_fill_(1, rows, 0)
+        for slot in group.hooked_slots:
+            slot_logits = logits.index_select(1, slot.index).transpose(0, 1)
+            slot.loss.after_step(
+                slot.state, rows=rows, logits=slot_logits, batch=self._batch(slot, rows, epoch)
+            )
         group.loss_sum += per_head.detach()
 
-    def _custom_grad(self, key, logits, index, rows, per_head) -> torch.Tensor:
-        """Heads of a loss without closed form (PR): autograd on their logits."""
-        data = self._data
-        sub = logits.index_select(1, index).transpose(0, 1).detach().requires_grad_(True)
-        batch = LossBatch(
-            data["labels"].index_select(0, rows), data["observed"].index_select(0, rows)
-        )
-        loss = batch_loss(key, sub, batch, self.options)
+    def _custom_grad(self, slot: _Slot, logits, rows, epoch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss [h], grad [B, h, L]) of a loss without label-only weights: its own closed
+        form, else autograd on its value."""
+        sub = logits.index_select(1, slot.index).transpose(0, 1).detach()
+        batch = self._batch(slot, rows, epoch)
+        closed = slot.loss.logit_gradient(sub, batch)
+        if closed is not None:
+            loss, grad = closed
+            return loss.detach(), grad.transpose(0, 1)
+        sub.requires_grad_(True)
+        loss = slot.loss.batch_loss(sub, batch)
         loss.sum().backward()
-        per_head.index_copy_(0, index, loss.detach())
-        return sub.grad.transpose(0, 1)
+        return loss.detach(), sub.grad.transpose(0, 1)
 
     def _map(self, X, weight, Y) -> torch.Tensor:
         chunk = max(1, self.eval_chunk_heads)
@@ -715,27 +833,32 @@ class StackedHeads:
         return torch.cat(out)
 
     @torch.no_grad()
-    def _validate(self, group: _Group, X, X_val, Y_val) -> dict:
+    def _validate(self, group: _Group) -> dict:
         weight = group.weight  # the head layout, once per epoch
-        val_map = self._map(X_val, weight, Y_val)
+        val_map = self._map(self._data["X_val"], weight, self._data["Y_val"])
         improved = val_map > group.best_val  # ties keep the earlier epoch
         if improved.any():
             index = torch.nonzero(improved).flatten().to(group.weight_t.device)
             group.best_weight[index] = weight[index]
             group.best_val[improved] = val_map[improved]
             group.best_epoch[improved] = group.epochs_done
-            if group.theta is not None:
-                for slot, head_index in enumerate(group.role):
-                    if improved[head_index]:
-                        group.best_theta[slot] = group.theta[slot]
-        record = {"val_map": val_map}
+            for slot in group.slots.values():
+                for k, position in enumerate(slot.positions):
+                    if improved[position]:
+                        for name, best in slot.best.items():
+                            best[k] = slot.state[name][k]
+        record: dict[str, Any] = {"val_map": val_map}
         if self.histogram_bins:
-            record["histogram"] = self._hidden_positive_histogram(weight, X)
-            if group.theta is not None:
-                probs = torch.sigmoid(group.theta)
-                record["estimator_histogram"] = probability_histogram(
-                    probs, self.hidden_positive_mask_, self.histogram_bins
-                )
+            record["histogram"] = self._hidden_positive_histogram(weight, self._data["X"])
+            estimates = {}
+            for slot in group.slots.values():
+                probabilities = slot.loss.label_estimates(slot.state)
+                if probabilities is not None:
+                    counts = probability_histogram(
+                        probabilities, self.hidden_positive_mask_, self.histogram_bins
+                    )
+                    estimates.update(zip(slot.positions, counts, strict=True))
+            record["estimator_histogram"] = estimates
         return record
 
     @torch.no_grad()
@@ -763,11 +886,48 @@ class StackedHeads:
         self.coef_ = weight[..., :-1]
         self.intercept_ = weight[..., -1]
 
+    @torch.no_grad()
+    def _score(self, X_test, Y_test) -> None:
+        """The test split scored once with every head's best weights (paper.md section 5),
+        and the training-set recovery of the hidden labels (paper Table 2): by the heads
+        and by the label estimates of losses that keep them (ROLE's estimator)."""
+        X_test = _augment(_tensor(X_test, self.dtype, self.device_))
+        test_labels = torch.as_tensor(np.asarray(Y_test), dtype=torch.float32)
+        train_labels = self._data["labels"].float().cpu()
+        self.results_: list[dict] = []
+        self.per_class_ap_: list[list[float]] = []
+        self.exported_state_: dict[str, dict[str, torch.Tensor]] = {}
+        offset = 0
+        for group in self.groups_:
+            test_logits = _logits(X_test, group.best_weight).float().cpu()
+            train_logits = _logits(self._data["X"], group.best_weight).float().cpu()
+            scores = head_scores(test_logits, test_labels, train_logits, train_labels)
+            for i, head in enumerate(group.heads):
+                row = {
+                    "head": head.name, "loss": head.loss, "lr": head.lr,
+                    "batch_size": head.batch_size, "seed": head.seed,
+                    "best_epoch": int(self.best_epoch_[offset + i]),
+                    "val_map": float(self.best_val_map_[offset + i]),
+                }  # fmt: skip
+                per_class = scores[i].pop("test_per_class_ap")
+                row.update(scores[i])
+                loss = self.losses_[head.loss]
+                state = group.head_state(i)
+                estimates = loss.label_estimates(state)
+                if estimates is not None:
+                    row["estimator_recovery_map"] = recovery_map(estimates.cpu(), train_labels)
+                exported = loss.export_state(state)
+                if exported:
+                    self.exported_state_[head.name] = exported
+                self.results_.append(row)
+                self.per_class_ap_.append(per_class)
+            offset += len(group.heads)
+
 
 def _split_record(group: _Group, record: dict) -> list[dict]:
     """One history row per head of a group's epoch record."""
     rows = []
-    role_slot = {h: s for s, h in enumerate(group.role)}
+    estimates = record.get("estimator_histogram", {})
     for i, head in enumerate(group.heads):
         row = {
             "head": head.name,
@@ -777,8 +937,8 @@ def _split_record(group: _Group, record: dict) -> list[dict]:
         }
         if "histogram" in record:
             row["hidden_positive_histogram"] = record["histogram"][i].tolist()
-        if i in role_slot and "estimator_histogram" in record:
-            row["estimator_histogram"] = record["estimator_histogram"][role_slot[i]].tolist()
+        if i in estimates:
+            row["estimator_histogram"] = estimates[i].tolist()
         rows.append(row)
     return rows
 

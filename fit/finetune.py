@@ -1,22 +1,31 @@
-"""End-to-end fine-tuning pieces: the classifier, ROLE's label estimator, one training epoch
-and evaluation gathered by row index (paper.md sections 3-5).
+"""End-to-end fine-tuning of one network with one loss at one (lr, batch size, seed)
+(paper.md sections 3-5), shaped like the linear engine: ``FineTuner(...)`` stores options,
+``fit(...)`` trains and returns ``self``, learned state ends in ``_``.
 
-The orchestration (grid, selection, checkpoints, torchrun) lives in ``spl.finetune``; this
-module takes a backbone module and data loaders and does the training arithmetic.
+The grid, the run directory and the files belong to ``spl.finetune``; this module computes:
+it builds the optimiser, trains epoch by epoch (BatchNorm in train mode, the epoch's
+augmentation seeded by (seed, epoch)), keeps the best-val weights and scores the test
+split once with them. The loss's state (ROLE's label estimator) trains beside the network;
+under torchrun, DDP averages both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from spl.data import protocol
+from spl.data.loaders import ImageSplits
+from spl.data.runtime import stream_seed
 from spl.evaluate.metrics import mean_average_precision
-from spl.fit.losses import LOSSES, LossBatch, LossOptions, batch_loss
+from spl.evaluate.scoring import head_scores, recovery_map
+from spl.fit.losses import Batch, Loss
 
 
 class Classifier(nn.Module):
@@ -31,52 +40,43 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-class LabelEstimator(nn.Module):
-    """ROLE's estimator g: one trainable logit per training image and class."""
-
-    def __init__(self, theta: torch.Tensor) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(theta.detach().clone().float())
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return self.theta[index]
-
-
 class Trainable(nn.Module):
-    """Classifier and (for ROLE) estimator behind one forward, so that DDP wraps both and
-    averages the estimator's gradients across processes like the network's."""
+    """The classifier and the loss's per-row state behind one forward, so that DDP wraps
+    both and averages the trainable state's gradients (ROLE's estimator) like the
+    network's. Trainable state tensors are parameters of ``estimator``; the rest buffers."""
 
-    def __init__(self, classifier: Classifier, estimator: LabelEstimator | None = None) -> None:
+    def __init__(self, classifier: Classifier, loss: Loss, state: dict[str, torch.Tensor]):
         super().__init__()
         self.classifier = classifier
-        self.estimator = estimator
+        self.loss = loss
+        self.estimator = nn.ParameterDict(
+            {n: nn.Parameter(t.detach().clone().float()) for n, t in state.items() if n in loss.trainable}
+        )  # fmt: skip
+        self.buffer_names = [n for n in state if n not in loss.trainable]
+        for name in self.buffer_names:
+            self.register_buffer(f"state_{name}", state[name].clone())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = dict(self.estimator.items())
+        out.update({name: getattr(self, f"state_{name}") for name in self.buffer_names})
+        return out
 
     def forward(self, images: torch.Tensor, index: torch.Tensor):
-        estimates = self.estimator(index) if self.estimator is not None else None
-        return self.classifier(images), estimates
+        return self.classifier(images), self.loss.batch_state(self.state(), index)
 
 
-@dataclass
-class TrainSettings:
-    loss: str
-    lr: float
-    options: LossOptions
-    amp: bool = False  # bf16 autocast (CUDA)
-    channels_last: bool = False
-    freeze_batchnorm: bool = False  # the paper trains BatchNorm (statistics updated)
+def make_optimizer(trainable: Trainable, lr: float) -> torch.optim.Adam:
+    """One Adam over the network (lr) and the loss's trainable state (lr x its multiplier).
 
-
-def make_optimizer(
-    model: nn.Module, estimator: LabelEstimator | None, lr: float, estimator_multiplier: float
-) -> torch.optim.Adam:
-    """One Adam over the network (lr) and, for ROLE, the estimator (lr x multiplier).
-
-    The estimator's Adam is dense (the reference's): rows keep moving between their batches.
+    Adam on the state is dense (the reference's): rows keep moving between their batches.
     """
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-    if estimator is not None:
-        groups.append({"params": [estimator.theta], "lr": lr * estimator_multiplier})
-    return torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    network = [p for p in trainable.classifier.parameters() if p.requires_grad]
+    groups = [{"params": network, "lr": lr}]
+    for name, param in trainable.estimator.items():
+        groups.append({"params": [param], "lr": lr * trainable.loss.lr_multiplier(name)})
+    return torch.optim.Adam(
+        groups, betas=protocol.ADAM_BETAS, eps=protocol.ADAM_EPS, weight_decay=0.0
+    )
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -92,65 +92,6 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
-
-
-def train_epoch(
-    trainable: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: Iterable,
-    settings: TrainSettings,
-    device: torch.device,
-    *,
-    pseudo_negatives: torch.Tensor | None = None,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    on_step: Callable[[int, float, float], None] | None = None,
-) -> dict:
-    """One pass over the training loader; BatchNorm in train mode (paper.md section 3).
-
-    ``prepare`` turns a device batch into normalised, augmented images when the loader
-    yields raw cached pixels. ``on_step(step, wait_seconds, step_seconds)`` reports timing.
-    """
-    import time
-
-    trainable.train()
-    if settings.freeze_batchnorm:
-        # Normalise with the pretrained statistics (affine weights still learn): for data
-        # whose statistics are far from ImageNet's, where train-mode BatchNorm first undoes
-        # what the pretrained (and LinearInit) head expects.
-        for module in trainable.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-    total, steps = 0.0, 0
-    wait_start = time.perf_counter()
-    for step, (images, labels, observed, index) in enumerate(loader):
-        waited = time.perf_counter() - wait_start
-        start = time.perf_counter()
-        images = to_device(images, device, settings.channels_last)
-        if prepare is not None:
-            images = prepare(images)
-        labels = labels.to(device, non_blocking=True)
-        observed = observed.to(device, non_blocking=True)
-        index = index.to(device, non_blocking=True)
-        with _autocast(device, settings.amp):
-            logits, estimates = trainable(images, index)
-        batch = LossBatch(
-            labels=labels,
-            observed=observed,
-            estimates=estimates,
-            pseudo_negatives=None if pseudo_negatives is None else pseudo_negatives[index],
-        )
-        loss = batch_loss(settings.loss, logits.float(), batch, settings.options)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-        if on_step is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            on_step(step, waited, time.perf_counter() - start)
-        wait_start = time.perf_counter()
-    return {"train_loss": total / max(steps, 1), "steps": steps}
 
 
 @torch.no_grad()
@@ -200,12 +141,240 @@ def gather_by_index(
     return out
 
 
-def evaluate_map(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
-    return float(mean_average_precision(logits, torch.as_tensor(labels, dtype=torch.float32)))
+def split_logits(
+    classifier: nn.Module, data: ImageSplits, split: str, batch_size: int, *, amp: bool,
+    channels_last: bool,
+) -> torch.Tensor:  # fmt: skip
+    """Logits of every row of a split, in loader index order, gathered across processes."""
+    device = data.procs.device
+    cuda = device.type == "cuda"
+    index, logits = predict(
+        classifier, data.eval_loader(split, batch_size), device, amp=amp and cuda,
+        channels_last=channels_last and cuda, prepare=data.prepare(train=False),
+    )  # fmt: skip
+    return gather_by_index(index, logits, len(data.datasets[split]), data.procs.world)
 
 
-def check_loss(key: str) -> None:
-    if key not in LOSSES:
-        from spl.data.common import SplError
+def split_map(logits: torch.Tensor, labels: np.ndarray) -> float:
+    return float(mean_average_precision(logits, torch.from_numpy(labels.astype(np.float32))))
 
-        raise SplError(f"unknown loss {key!r}; available: {', '.join(LOSSES)}")
+
+def _copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class FineTuner:
+    """Fine-tune a classifier with one loss at one (lr, batch size, seed).
+
+    >>> tuner = FineTuner(loss, lr=1e-4, batch_size=16, epochs=10, seed=0).fit(
+    ...     make_classifier, data)
+    >>> tuner.best_epoch_, tuner.best_val_map_, tuner.scores_["test_map"]
+
+    ``make_classifier()`` builds the network after the run's head-initialisation seed is
+    set (so a fresh head is a function of the seed). ``initial_state`` is the loss's state
+    to start from (LinearInit: the linear head's exported state, aligned to the training
+    rows); ``head`` (weight, bias) the LinearInit head.
+    """
+
+    def __init__(
+        self,
+        loss: Loss,
+        *,
+        lr: float,
+        batch_size: int,
+        epochs: int = protocol.FINETUNE_EPOCHS,
+        seed: int = 0,
+        amp: bool = False,
+        channels_last: bool = False,
+        freeze_batchnorm: bool = False,
+        sync_batchnorm: bool = False,
+    ) -> None:
+        self.loss = loss
+        self.lr = lr
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.amp = amp
+        self.channels_last = channels_last
+        self.freeze_batchnorm = freeze_batchnorm
+        self.sync_batchnorm = sync_batchnorm
+
+    def fit(
+        self,
+        make_classifier: Callable[[], Classifier],
+        data: ImageSplits,
+        *,
+        head: tuple[torch.Tensor, torch.Tensor] | None = None,
+        initial_state: dict[str, torch.Tensor] | None = None,
+        checkpoint: dict | None = None,
+        best: dict | None = None,
+        on_epoch: Callable[[FineTuner, dict], None] | None = None,
+        on_step: Callable[[int, float, float], None] | None = None,
+    ) -> FineTuner:
+        """Train; ``checkpoint`` (from :meth:`checkpoint`) and ``best`` (the best epoch's
+        checkpoint) resume an interrupted run. ``on_epoch(self, record)`` sees each epoch's
+        record (epoch, val mAP, whether it improved); ``on_step(step, waited, seconds)``
+        reports timing. Afterwards the best weights are loaded and the test split scored."""
+        procs = data.procs
+        device = procs.device
+        cuda = device.type == "cuda"
+        torch.manual_seed(stream_seed(self.seed, 0, "finetune"))
+        classifier = make_classifier()
+        if head is not None:
+            with torch.no_grad():
+                classifier.head.weight.copy_(head[0])
+                classifier.head.bias.copy_(head[1])
+        observed = torch.from_numpy(data.observed().astype(np.float32))
+        state = self.loss.init_state(observed, heads=1, seed=self.seed)
+        state = {name: tensor[0] if tensor.dim() == 3 else tensor for name, tensor in state.items()}
+        if initial_state:
+            state = self.loss.state_from_linear(initial_state, state)
+        trainable = Trainable(classifier, self.loss, state).to(device)
+        if self.channels_last and cuda:
+            trainable = trainable.to(memory_format=torch.channels_last)
+        if self.sync_batchnorm and procs.world > 1:
+            trainable = nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
+        self.model_ = trainable
+        optimizer = make_optimizer(trainable, self.lr)
+        self.optimizer_ = optimizer
+        progress = {"epoch": 0, "best_val": -1.0, "best_epoch": 0}
+        self.best_state_ = None
+        if checkpoint is not None:
+            trainable.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            progress = dict(checkpoint["state"])
+            self.best_state_ = None if best is None else best["model"]
+        self.history_: list[dict] = []
+        model: nn.Module = trainable
+        if procs.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(trainable, device_ids=[device.index] if cuda else None)
+        val_labels = data.labels("val")
+        if progress["epoch"] == 0 and head is not None:
+            # Epoch 0: the untouched LinearInit model, to show where fine-tuning starts.
+            val0 = split_map(self._logits(data, "val"), val_labels)
+            record = {"epoch": 0, "val_map": val0, "improved": False}
+            self.history_.append(record)
+            if on_epoch is not None:
+                on_epoch(self, record)
+        while progress["epoch"] < self.epochs:
+            epoch = progress["epoch"] + 1
+            torch.manual_seed(stream_seed(self.seed, epoch, "finetune"))  # this epoch's draws
+            self.loss.on_epoch_start(
+                trainable.state(), epoch=epoch, num_epochs=self.epochs, seed=self.seed
+            )
+            generator = None
+            if data.cache_images:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(stream_seed(self.seed, epoch, "finetune"))
+            stats = self._train_epoch(
+                model, optimizer, data.train_loader(self.batch_size, self.seed, epoch), device,
+                epoch, prepare=data.prepare(train=True, generator=generator), on_step=on_step,
+            )  # fmt: skip
+            self._end_epoch(trainable, data, epoch)
+            val_map = split_map(self._logits(data, "val"), val_labels)
+            improved = val_map > progress["best_val"]
+            progress = {
+                "epoch": epoch,
+                "best_val": max(val_map, progress["best_val"]),
+                "best_epoch": epoch if improved else progress["best_epoch"],
+            }
+            if improved:
+                self.best_state_ = _copy_state(trainable)
+            self.progress_ = progress
+            record = {"epoch": epoch, "val_map": val_map, "improved": improved, **stats}
+            self.history_.append(record)
+            if on_epoch is not None:
+                on_epoch(self, record)
+        self.progress_ = progress
+        self.best_epoch_ = int(progress["best_epoch"])
+        self.best_val_map_ = float(progress["best_val"])
+        if self.best_state_ is not None:
+            trainable.load_state_dict(self.best_state_)
+        self._score(data)
+        return self
+
+    def checkpoint(self) -> dict:
+        """What resumes training after the last finished epoch (tensors and plain values)."""
+        return {
+            "model": self.model_.state_dict(),
+            "optimizer": self.optimizer_.state_dict(),
+            "state": dict(self.progress_),
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _logits(self, data: ImageSplits, split: str) -> torch.Tensor:
+        return split_logits(
+            self.model_.classifier, data, split, self.batch_size, amp=self.amp,
+            channels_last=self.channels_last,
+        )  # fmt: skip
+
+    def _train_epoch(self, model, optimizer, loader, device, epoch, *, prepare, on_step) -> dict:
+        """One pass over the training loader; BatchNorm in train mode (paper.md section 3)."""
+        model.train()
+        if self.freeze_batchnorm:
+            # Normalise with the pretrained statistics (affine weights still learn): for data
+            # whose statistics are far from ImageNet's, where train-mode BatchNorm first undoes
+            # what the pretrained (and LinearInit) head expects.
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        amp = self.amp and device.type == "cuda"
+        channels_last = self.channels_last and device.type == "cuda"
+        hooked = type(self.loss).after_step is not Loss.after_step
+        total, steps = 0.0, 0
+        wait_start = time.perf_counter()
+        for step, (images, labels, observed, index) in enumerate(loader):
+            waited = time.perf_counter() - wait_start
+            start = time.perf_counter()
+            images = to_device(images, device, channels_last)
+            if prepare is not None:
+                images = prepare(images)
+            labels = labels.to(device, non_blocking=True)
+            observed = observed.to(device, non_blocking=True)
+            index = index.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits, batch_state = model(images, index)
+            batch = Batch(observed, labels, epoch, self.epochs, batch_state)
+            loss = self.loss.batch_loss(logits.float(), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if hooked:
+                self.loss.after_step(
+                    self.model_.state(), rows=index, logits=logits.detach().float()[None],
+                    batch=batch,
+                )  # fmt: skip
+            total += float(loss.detach())
+            steps += 1
+            if on_step is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                on_step(step, waited, time.perf_counter() - start)
+            wait_start = time.perf_counter()
+        return {"train_loss": total / max(steps, 1), "steps": steps}
+
+    def _end_epoch(self, trainable: Trainable, data: ImageSplits, epoch: int) -> None:
+        scores = None
+        if self.loss.wants_scores(epoch=epoch, num_epochs=self.epochs):
+            logits = self._logits(data, "train")  # the training rows, in eval mode
+            scores = torch.sigmoid(logits)[None].to(data.procs.device)
+        self.loss.on_epoch_end(
+            trainable.state(), epoch=epoch, num_epochs=self.epochs, seed=self.seed, scores=scores
+        )
+
+    @torch.no_grad()
+    def _score(self, data: ImageSplits) -> None:
+        """The test split scored once with the best weights; the loss's label estimates'
+        recovery of the hidden training labels (ROLE's estimator)."""
+        logits = self._logits(data, "test")
+        test_labels = torch.from_numpy(data.labels("test").astype(np.float32))
+        self.scores_: dict[str, Any] = head_scores(logits[None], test_labels)[0]
+        estimates = self.loss.label_estimates(self.model_.state())
+        if estimates is not None:
+            train_labels = torch.from_numpy(data.labels("train").astype(np.float32))
+            self.scores_["estimator_recovery_map"] = recovery_map(
+                estimates.detach().cpu(), train_labels
+            )

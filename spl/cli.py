@@ -20,25 +20,15 @@ def main() -> None:
 
 
 def _register() -> None:
-    from spl import commands_data
+    from spl import commands_data, commands_extract, commands_finetune, commands_fit, commands_run
 
     main.add_command(commands_data.data)
-    for module_name in ("commands_fit", "commands_extract", "commands_finetune", "commands_run"):
-        try:
-            module = __import__(f"spl.{module_name}", fromlist=["COMMANDS"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"spl.{module_name}":
-                raise
-            continue
+    for module in (commands_fit, commands_extract, commands_finetune, commands_run):
         for command in module.COMMANDS:
             main.add_command(command)
 
 
 _register()
-
-
-def run() -> None:  # pragma: no cover - console entry point helper
-    main(prog_name="spl")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,75 +6,20 @@ from pathlib import Path
 
 import click
 
-from spl.clitools import config_option
+from spl.clitools import config_option, settings_from_cli
 from spl.data.common import SplError
+from spl.settings import ExtractSettings, click_options
 
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 @click.command("extract")
-@config_option
 @click.argument("dataset", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backbone", default="resnet50", show_default=True, help="See --list-backbones.")
-@click.option(
-    "--weights",
-    help="Weights id (e.g. IMAGENET1K_V1, DEFAULT, random) or PATH to a local state dict "
-    "[default: the backbone's; resnet50: IMAGENET1K_V1, the paper's].",
-)
-@click.option("--sha256", help="Expected SHA-256 (or its first hex digits) of --weights PATH.")
-@click.option("--image-size", default=448, show_default=True, help="Images are resized to S x S.")
-@click.option("--batch-size", type=int, help="[default: 128 on CUDA, 32 on the CPU]")
-@click.option("--workers", type=int, help="DataLoader workers [default: CPUs per process - 1].")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Stored feature type.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option(
-    "--decode",
-    type=click.Choice(["auto", "pil", "device"]),
-    default="auto",
-    show_default=True,
-    help="Where JPEGs are decoded: PIL in the workers, or on the device (nvJPEG on CUDA). "
-    "auto: device on CUDA, pil otherwise.",
-)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
-@click.option(
-    "--chunk-size",
-    type=int,
-    help="Rows per resumable chunk [default: 512; a resumed run keeps its own].",
-)
-@click.option(
-    "--skip-bad",
-    is_flag=True,
-    help="Record unreadable images as bad rows (NaN features) instead of stopping.",
-)
-@click.option("--force", is_flag=True, help="Extract again: replace the file, drop a partial run.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click_options(ExtractSettings)
 @click.option("--list-backbones", is_flag=True, help="List the backbones and their weights.")
-@click.option("--chunk-pause", type=float, default=0.0, hidden=True)  # tests kill a run midway
-def extract(
-    dataset: Path | None,
-    backbone: str,
-    weights: str | None,
-    sha256: str | None,
-    image_size: int,
-    batch_size: int | None,
-    workers: int | None,
-    dtype: str,
-    device: str,
-    decode: str,
-    amp: bool,
-    chunk_size: int | None,
-    skip_bad: bool,
-    force: bool,
-    progress: bool,
-    list_backbones: bool,
-    chunk_pause: float,
-) -> None:
+@config_option(ExtractSettings)
+@click.pass_context
+def extract(ctx: click.Context, dataset: Path | None, list_backbones: bool, **options) -> None:
     """Write DATASET/features/<backbone>-<weights>-<size>.h5 for the prepared DATASET.
 
     Resumes an interrupted run; does nothing when the file is complete (--force redoes it).
@@ -85,29 +30,15 @@ def extract(
         return
     if dataset is None:
         raise SplError("give the prepared dataset folder: spl extract ROOT/NAME --backbone ...")
+    import dataclasses
+
     from spl.extract.run import extract_features
 
-    weights_id, weights_path = _split_weights(weights)
-    result = extract_features(
-        dataset,
-        backbone=backbone,
-        weights=weights_id,
-        weights_path=weights_path,
-        expected_sha256=sha256,
-        image_size=image_size,
-        batch_size=batch_size,
-        workers=workers,
-        dtype=dtype,
-        device=device,
-        decode=decode,
-        amp=amp,
-        chunk_size=chunk_size,
-        skip_bad=skip_bad,
-        force=force,
-        progress=progress,
-        log=click.echo,
-        chunk_pause=chunk_pause,
-    )
+    settings = settings_from_cli(ctx, ExtractSettings, options)
+    values = dataclasses.asdict(settings)
+    values["weights"], values["weights_path"] = _split_weights(values.pop("weights"))
+    values["expected_sha256"] = values.pop("sha256")
+    result = extract_features(dataset, log=click.echo, **values)
     if result.status != "written":
         return
     count = sum(len(rows) for rows in result.bad.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from spl.data.common import SplError
-from spl.runs import load_torch, read_config, read_csv
+from spl.runs import LinearRun, load_torch, read_config, read_csv
 
 
 @dataclass
@@ -26,8 +26,8 @@ class Predictor:
 def load_predictor(
     path: Path, *, loss: str | None = None, head: str | None = None, device: str = "auto"
 ) -> Predictor:
+    from spl.data.runtime import resolve_device
     from spl.extract.backbones import get_backbone
-    from spl.extract.run import resolve_device
     from spl.fit.finetune import Classifier
 
     path = Path(path)
@@ -68,7 +68,6 @@ def _selected_checkpoint(run: Path) -> Path:
 
 
 def _linear_predictor(run: Path, config: dict, loss, head, device) -> Predictor:
-    from spl.evaluate.selection import select_best
     from spl.extract.backbones import get_backbone
     from spl.fit.finetune import Classifier
 
@@ -77,32 +76,27 @@ def _linear_predictor(run: Path, config: dict, loss, head, device) -> Predictor:
         raise SplError(
             f"{run} was trained on imported features: there is no backbone to apply to images"
         )
-    rows = read_csv(run / "results.csv")
-    if head is None:
-        candidates = [r for r in rows if loss is None or r["loss"] == loss]
-        if not candidates:
-            raise SplError(f"{run} has no heads for loss {loss!r}")
-        selected = select_best(candidates)
-        best = max(selected.values(), key=lambda s: float(s["picked"][0]["val_map"]))
-        head = best["picked"][0]["head"]
-    heads = load_torch(run / "heads.pt", "fit-linear heads file")
-    names = [f"{h['loss']}_lr{h['lr']:g}_bs{h['batch_size']}_s{h['seed']}" for h in heads["heads"]]
-    if head not in names:
-        raise SplError(f"{run} has no head {head!r}; heads: {', '.join(names[:6])} ...")
-    index = names.index(head)
+    linear = LinearRun(run)
+    chosen = linear.head(head) if head is not None else linear.select(loss, _first_seed(linear))
     source = attrs.get("weights_source") or ""
     if Path(source).is_file():  # features made from a local weights file
         backbone, spec = get_backbone(attrs["backbone"], attrs["weights"], weights_path=source)
     else:
         backbone, spec = get_backbone(attrs["backbone"], attrs["weights"])
-    classifier = Classifier(backbone, spec.feature_dim, len(heads["classes"]))
+    classes = list(linear.heads_file()["classes"])
+    classifier = Classifier(backbone, spec.feature_dim, len(classes))
     with torch.no_grad():
-        classifier.head.weight.copy_(heads["weight"][index])
-        classifier.head.bias.copy_(heads["bias"][index])
+        classifier.head.weight.copy_(chosen.weight)
+        classifier.head.bias.copy_(chosen.bias)
     return Predictor(
-        classifier.to(device).eval(), list(heads["classes"]),
-        _transform(int(attrs["image_size"]), spec.mean, spec.std), device, f"{run}:{head}",
+        classifier.to(device).eval(), classes,
+        _transform(int(attrs["image_size"]), spec.mean, spec.std), device, f"{run}:{chosen.name}",
     )  # fmt: skip
+
+
+def _first_seed(linear: LinearRun) -> int:
+    """The selected head of a run with several seeds is the lowest seed's."""
+    return min(int(r["seed"]) for r in linear.results)
 
 
 def _transform(size: int, mean, std):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -21,49 +20,39 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from spl.data import protocol
 from spl.data.common import SplError, write_json_atomic, write_text_atomic
-from spl.evaluate import paper
-from spl.evaluate.selection import format_mean_std, select_best
-from spl.fit.engine import PAPER_BATCH_SIZES, PAPER_LINEAR_EPOCHS, PAPER_LRS
+from spl.evaluate import paper, report
+from spl.evaluate.selection import SUMMARY_COLUMNS, select_best
 from spl.fit.losses import LOSSES, PAPER_LOSSES
+from spl.runs import read_csv, read_jsonl
+from spl.settings import DATASETS, TABLES, ReproduceSettings, setting
 
-TABLES = ("linear", "finetune", "recovery")
-DATASETS = ("voc12", "coco14", "nuswide", "cub", "demo")
 RECOVERY_LOSSES = ("an", "an_ls", "role")
-LINEARINIT = ("an_ls", "role")
+LINEARINIT = tuple(protocol.LINEARINIT)
+__all__ = ["DATASETS", "TABLES", "Plan", "reproduce"]
 
 
 @dataclass
-class Plan:
-    """What to reproduce and how; defaults are the paper's protocol."""
+class Plan(ReproduceSettings):
+    """What to reproduce and how (the command's settings, and what only code sets);
+    defaults are the paper's protocol."""
 
-    tables: list[str]
-    datasets: list[str]
-    root: Path
-    runs: Path = Path("runs")
-    out: Path = Path("tables")
-    seeds: list[int] = field(default_factory=lambda: [0])
-    backbone: str = "resnet50"
-    weights: str | None = None
-    image_size: int = 448
-    linear_losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
-    linear_lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))
-    linear_batch_sizes: list[int] = field(default_factory=lambda: list(PAPER_BATCH_SIZES))
-    linear_epochs: int = PAPER_LINEAR_EPOCHS
-    finetune_losses: list[str] = field(
-        default_factory=lambda: [*PAPER_LOSSES, *(f"{k}+linearinit" for k in LINEARINIT)]
+    linear_losses: list[str] = setting(
+        factory=lambda: list(PAPER_LOSSES), cli=False, help="Rows of the linear table."
     )
-    finetune_lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))
-    finetune_batch_sizes: list[int] = field(default_factory=lambda: list(PAPER_BATCH_SIZES))
-    finetune_epochs: int = 10
-    device: str = "auto"
-    jobs: int = 1
-    extract_args: list[str] = field(default_factory=list)
-    finetune_args: list[str] = field(default_factory=list)
-    figure_dataset: str | None = None
+    extract_args: list[str] = setting(factory=list, cli=False, help="Extra `spl extract` flags.")
+    finetune_args: list[str] = setting(factory=list, cli=False, help="Extra `spl finetune` flags.")
+
+    def __post_init__(self) -> None:
+        if self.finetune_losses is None:
+            self.finetune_losses = [*PAPER_LOSSES, *(f"{k}+linearinit" for k in LINEARINIT)]
+        if self.jobs is None:
+            self.jobs = 1
+        self.root, self.runs, self.out = Path(self.root), Path(self.runs), Path(self.out)
 
     @functools.cached_property
     def tag(self) -> str:
@@ -136,7 +125,7 @@ def cell_options(plan: Plan, table: str, dataset: str, loss: str, fingerprint: s
 
 def linearinit_settings(loss: str, dataset: str, plan: Plan) -> dict:
     """LinearInit's fixed linear phase (paper.md section 5), with its dataset exceptions."""
-    fixed = paper.LINEARINIT_SETTINGS[loss]
+    fixed = protocol.LINEARINIT[loss]
     return {
         "lr": fixed["lr"],
         "batch_size": fixed["batch_size_for"].get(dataset, fixed["batch_size"]),
@@ -365,8 +354,6 @@ def _run_from_log(path: Path) -> str:
 
 def record_cells(plan: Plan, job: Job, run_dir: Path) -> None:
     """Write one result record per cell the job computed (selection over its grid)."""
-    from spl.runs import read_csv
-
     rows = read_csv(run_dir / "results.csv")
     for cell in job.cells:
         loss = cell.loss.partition("+")[0]
@@ -382,7 +369,7 @@ def record_cells(plan: Plan, job: Job, run_dir: Path) -> None:
             "picked": picked["picked"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        for column in ("test_map", "val_map", "train_recovery_map", "estimator_recovery_map"):
+        for column in SUMMARY_COLUMNS:
             if column in picked:
                 record[column] = list(picked[column])
         write_json_atomic(cell_path(plan, cell), record)
@@ -392,82 +379,25 @@ def record_cells(plan: Plan, job: Job, run_dir: Path) -> None:
 # --------------------------------------------------------------------------- tables
 
 
-TITLES = {
-    "linear": "Linear heads on frozen features: test mAP",
-    "finetune": "Fine-tuned end to end: test mAP",
-    "recovery": "Training-set mAP against the hidden full labels (label recovery)",
-}
-
-
-def _row_title(loss: str) -> str:
-    key, _, init = loss.partition("+")
-    return LOSSES[key].title + (" + LinearInit" if init else "")
+def differences(plan: Plan, table: str) -> list[str]:
+    """How this reproduction's protocol departs from the paper's, for a table."""
+    if table == "finetune":
+        return paper.protocol_differences(
+            table, tag=plan.tag, lrs=plan.finetune_lrs, batch_sizes=plan.finetune_batch_sizes,
+            epochs=plan.finetune_epochs,
+        )  # fmt: skip
+    return paper.protocol_differences(
+        table, tag=plan.tag, lrs=plan.linear_lrs, batch_sizes=plan.linear_batch_sizes,
+        epochs=plan.linear_epochs,
+    )  # fmt: skip
 
 
 def build_table(plan: Plan, table: str, cells: list[Cell]) -> dict:
-    """Rows of (ours mean ± std, paper, difference) per dataset, for one table."""
-    column = "train_recovery_map" if table == "recovery" else "test_map"
-    mine = [c for c in cells if c.table == table]
-    rows = []
-    for loss in dict.fromkeys(c.loss for c in mine):
-        row = {"loss": loss, "title": _row_title(loss), "cells": {}}
-        for dataset in plan.datasets:
-            cell = next((c for c in mine if c.loss == loss and c.dataset == dataset), None)
-            reference = None
-            if plan.tag == paper.PAPER_BACKBONE_TAG or dataset != "demo":
-                reference = paper.paper_value(table, loss, dataset)
-            entry: dict = {"paper": reference, "status": cell.status if cell else "missing"}
-            if cell and cell.status == "done" and column in cell.record:
-                mean, std = cell.record[column]
-                entry.update({"mean": mean, "std": None if math.isnan(std) else std,
-                              "seeds": len(cell.record["picked"])})  # fmt: skip
-                if reference is not None:
-                    entry["difference"] = mean - reference
-            row["cells"][dataset] = entry
-        rows.append(row)
-    return {"table": table, "title": TITLES[table], "feature_tag": plan.tag,
-            "seeds": plan.seeds, "datasets": plan.datasets, "rows": rows}  # fmt: skip
-
-
-def render_markdown(data: dict) -> str:
-    head = "| loss | " + " | ".join(data["datasets"]) + " |"
-    lines = [f"## {data['title']}", "",
-             f"Backbone features: `{data['feature_tag']}`; seeds {data['seeds']}. "
-             "Each cell: ours (mean ± std over seeds) / paper (difference).", "",
-             head, "|---" * (len(data["datasets"]) + 1) + "|"]  # fmt: skip
-    for row in data["rows"]:
-        cells = []
-        for dataset in data["datasets"]:
-            entry = row["cells"][dataset]
-            if "mean" not in entry:
-                text = entry["status"]
-            else:
-                std = entry["std"]
-                text = format_mean_std((entry["mean"], math.nan if std is None else std))
-            if entry.get("paper") is not None:
-                diff = entry.get("difference")
-                text += f" / {entry['paper']:.1f}" + (f" ({diff:+.1f})" if diff is not None else "")
-            cells.append(text)
-        lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_csv(data: dict) -> str:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        ["table", "loss", "dataset", "mean", "std", "seeds", "paper", "difference", "status"]
-    )
-    for row in data["rows"]:
-        for dataset, entry in row["cells"].items():
-            writer.writerow([data["table"], row["loss"], dataset, entry.get("mean", ""),
-                             entry.get("std", "") if entry.get("std") is not None else "",
-                             entry.get("seeds", ""), entry.get("paper", "") or "",
-                             entry.get("difference", ""), entry["status"]])  # fmt: skip
-    return buffer.getvalue()
+    mine = [(c.loss, c.dataset, c.status, c.record) for c in cells if c.table == table]
+    return report.build_table(
+        table, plan.datasets, mine, LOSSES, tag=plan.tag, seeds=plan.seeds,
+        differences=differences(plan, table),
+    )  # fmt: skip
 
 
 def write_tables(plan: Plan, cells: list[Cell]) -> list[Path]:
@@ -475,9 +405,9 @@ def write_tables(plan: Plan, cells: list[Cell]) -> list[Path]:
     for table in plan.tables:
         data = build_table(plan, table, cells)
         for suffix, text in (
-            ("md", render_markdown(data)),
-            ("csv", render_csv(data)),
-            ("json", json.dumps(data, indent=2, default=_json_default) + "\n"),
+            ("md", report.render_markdown(data)),
+            ("csv", report.render_csv(data)),
+            ("json", report.render_json(data)),
         ):
             path = plan.out / f"{table}.{suffix}"
             write_text_atomic(path, text)
@@ -485,26 +415,8 @@ def write_tables(plan: Plan, cells: list[Cell]) -> list[Path]:
     return written
 
 
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(type(value))
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def histogram_series(run_dir: Path, head: str, key: str = "hidden_positive_histogram"):
-    """Per-epoch normalised histograms of one head, from a linear run's history."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "history.jsonl").read_text().splitlines()]
-    series = [
-        r[key] for r in sorted(rows, key=lambda r: r["epoch"]) if r["head"] == head and key in r
-    ]
-    out = []
-    for counts in series:
-        total = sum(counts)
-        out.append([c / total if total else 0.0 for c in counts])
-    return out
+def _history(run_dir: str) -> list[dict]:
+    return read_jsonl(Path(run_dir) / "history.jsonl")
 
 
 def write_figure(plan: Plan, cells: list[Cell]) -> Path | None:
@@ -520,41 +432,15 @@ def write_figure(plan: Plan, cells: list[Cell]) -> Path | None:
         if cell is None:
             continue
         head = cell.record["picked"][0]["head"]
-        panels.append(
-            (f"{LOSSES[loss].title} ({head})", histogram_series(cell.record["run"], head))
-        )
-        if loss == "role":
-            estimates = histogram_series(cell.record["run"], head, "estimator_histogram")
-            if estimates:
-                panels.append(("ROLE label estimator", estimates))
+        history = _history(cell.record["run"])
+        panels.append((f"{LOSSES[loss].title} ({head})", report.histogram_series(history, head)))
+        estimates = report.histogram_series(history, head, "estimator_histogram")
+        if estimates:
+            panels.append((f"{LOSSES[loss].title} label estimator", estimates))
     if not panels:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels, strict=True):
-        grid = np.array(series).T  # bins x epochs
-        ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
-                  extent=(0.5, grid.shape[1] + 0.5, 0, 1))  # fmt: skip
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("predicted probability")
-    fig.suptitle(f"{dataset}: probabilities on unobserved positives (y=1, z=0)", fontsize=10)
-    fig.tight_layout()
     path = plan.out / "figure_unobserved_positives.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return path if report.save_figure(path, dataset, panels) else None
 
 
 def reproduce(plan: Plan, *, dry_run: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -588,12 +474,10 @@ def hidden_positive_mean(cell: Cell) -> float | None:
     """Mean predicted probability on the unobserved positives (y=1, z=0) at the selected
     head's best epoch: how far a loss recovers the labels it never saw."""
     head = cell.record["picked"][0]
-    series = histogram_series(cell.record["run"], head["head"])
+    series = report.histogram_series(_history(cell.record["run"]), head["head"])
     if not series:
         return None
-    shares = series[int(head["best_epoch"]) - 1]
-    bins = len(shares)
-    return sum(share * (i + 0.5) / bins for i, share in enumerate(shares))
+    return report.mean_of_histogram(series[int(head["best_epoch"]) - 1])
 
 
 def paper_agreement(cells: list[Cell]) -> list[str]:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from spl.data.loaders import ImageSplits
 from spl.data.prepared import load_prepared
+from spl.data.runtime import Processes
 from spl.extract.backbones import get_backbone
-from spl.extract.run import Processes
-from spl.finetune import FinetuneSettings, _Data, _map
-from spl.fit.finetune import Classifier
+from spl.extract.features import unreadable_rows
+from spl.fit.finetune import Classifier, split_logits, split_map
 
 
 def main(dataset: str, checkpoint: str, out: str) -> None:
@@ -19,8 +20,6 @@ def main(dataset: str, checkpoint: str, out: str) -> None:
     prepared = load_prepared(dataset)
     best = torch.load(checkpoint, weights_only=True)
     meta = best["meta"]
-    settings = FinetuneSettings(loss=meta["loss"], backbone=meta["backbone"],
-                                image_size=meta["image_size"], workers=0)  # fmt: skip
     backbone, spec = get_backbone(meta["backbone"], meta["weights"])
     classifier = Classifier(backbone, spec.feature_dim, prepared.num_classes)
     classifier.load_state_dict(
@@ -30,9 +29,13 @@ def main(dataset: str, checkpoint: str, out: str) -> None:
             if k.startswith("classifier.")
         }
     )
-    data = _Data(prepared, settings, spec, procs, "uniform-p1-n0-s1200")
-    logits = data.logits(classifier, "val", batch_size=4)
-    val = _map(logits, prepared.labels["trainval"][data.rows["val"]])
+    data = ImageSplits(
+        prepared, image_size=meta["image_size"], mean=spec.mean, std=spec.std,
+        observed="uniform-p1-n0-s1200", excluded=unreadable_rows(prepared), procs=procs,
+        workers=0,
+    )  # fmt: skip
+    logits = split_logits(classifier, data, "val", 4, amp=False, channels_last=False)
+    val = split_map(logits, data.labels("val"))
     if procs.rank == 0:
         Path(out).write_text(
             json.dumps({"val_map": val, "rows": len(logits), "world": procs.world})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spl.data.prepared import load_prepared
-from spl.fit.losses import estimator_from_probabilities
+from spl.fit.losses import Context, estimator_from_probabilities, get_loss
 from spl.runs import read_csv
 
 from conftest import invoke, kill_when_file_appears
@@ -76,13 +76,14 @@ def test_linear_init_starts_where_the_linear_head_left_off(linear, runner, tmp_p
 def test_role_carries_the_estimator_over(linear, runner, tmp_path):
     dataset, linear_run, _ = linear
     heads = torch.load(linear_run / "heads.pt", weights_only=True)
-    from spl.finetune import initial_estimator, load_linear_init
+    from spl.finetune import load_linear_init
 
     prepared = load_prepared(dataset)
+    role = get_loss("role").make(context=Context(10, prepared.expected_positives))
     init = load_linear_init(linear_run, prepared, "role", TAG, seed=0)
     observed = prepared.observed["uniform-p1-n0-s1200"]["trainval"][prepared.split["train"]]
-    theta = initial_estimator(observed, prepared.split["train"], 0, init)
-    expected = estimator_from_probabilities(heads["estimates"][init.head])
+    theta = role.state_from_linear(init.state_for_rows(prepared.split["train"]), {})["theta"]
+    expected = estimator_from_probabilities(heads["state"][init.name]["estimates"])
     torch.testing.assert_close(theta, expected)
     _finetune(runner, dataset, tmp_path, "--loss", "role", "--init-from", linear_run,
               "--lrs", "1e-5", "--epochs", 1)  # fmt: skip
@@ -90,7 +91,8 @@ def test_role_carries_the_estimator_over(linear, runner, tmp_path):
     (config,) = [p for p in run.iterdir() if p.is_dir()]
     best = torch.load(config / "best.pt", weights_only=True)
     after = best["model"]["estimator.theta"]
-    fresh = initial_estimator(observed, prepared.split["train"], 0, None)
+    observed_t = torch.from_numpy(observed.astype(np.float32))
+    fresh = role.init_state(observed_t, heads=1, seed=0)["theta"][0]
     # on the unobserved entries: close to the carried estimates (theta's lr is 1e-4), and
     # unrelated to a fresh initialisation
     free = torch.from_numpy(observed == 0)
@@ -141,8 +143,7 @@ def test_predict_ranks_the_true_digits_first(linear, runner, tmp_path):
     assert [r["image"] for r in records] == [str(p) for p in test_images]
     head = select_best(read_csv(linear_run / "results.csv"))["an_ls"]["picked"][0]["head"]
     heads = torch.load(linear_run / "heads.pt", weights_only=True)
-    names = [f"{h['loss']}_lr{h['lr']:g}_bs{h['batch_size']}_s{h['seed']}" for h in heads["heads"]]
-    i = names.index(head)
+    i = heads["names"].index(head)
     features = torch.tensor(load_features(prepared, TAG).features["test"])
     expected = torch.sigmoid(features @ heads["weight"][i].T + heads["bias"][i])
     ranked = 0

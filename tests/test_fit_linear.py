@@ -96,8 +96,10 @@ def test_fit_linear_writes_the_run_directory(imported, tmp_path, runner):
 
     got = mean_average_precision(logits, torch.tensor(prepared.labels["test"])).item()
     assert got == pytest.approx(float(an["test_map"]), abs=1e-3)
-    assert set(heads["estimates"]) == {r["head"] for r in rows if r["loss"] == "role"}
-    assert heads["estimates"][next(iter(heads["estimates"]))].shape == (240, 6)
+    assert heads["names"] == index  # each head's name is stored with it
+    estimates = {name: state["estimates"] for name, state in heads["state"].items()}
+    assert set(estimates) == {r["head"] for r in rows if r["loss"] == "role"}
+    assert estimates[next(iter(estimates))].shape == (240, 6)
     config = json.loads((run / "config.json").read_text())
     assert config["dataset_fingerprint"] == prepared.fingerprint and "finished" in config
     assert "| ROLE |" in (run / "summary.md").read_text()

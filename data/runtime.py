@@ -1,0 +1,132 @@
+"""Where and how work runs, for every stage: the device, this process's place in a torchrun
+job, DataLoader workers, and the named random streams every seeded draw comes from."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from spl.data.common import SplError
+
+# Each seeded draw has its own stream, so that one never shifts another: a resumed run and
+# a head trained alone see exactly the draws of an uninterrupted sweep.
+_STREAMS = {
+    "batches": 0,  # the linear engine's shuffled order of an epoch
+    "pseudo_negatives": 104_729,  # pseudo-negative sampling's mask of an epoch
+    "estimator": 2 * 104_729,  # ROLE's estimator initialisation
+    "head": 3 * 104_729,  # the linear heads' initialisation
+    "finetune": 17,  # fine-tuning: head init, augmentation and shuffling of an epoch
+}
+
+
+def stream_seed(seed: int, epoch: int, stream: str) -> int:
+    """The seed of one named random stream for (seed, epoch)."""
+    return (seed * 1_000_003 + epoch * 7_919 + _STREAMS[stream]) % (2**63 - 1)
+
+
+def generator(seed: int, epoch: int, stream: str) -> torch.Generator:
+    """A CPU generator for one named stream of (seed, epoch)."""
+    return torch.Generator().manual_seed(stream_seed(seed, epoch, stream))
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None):
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:N``; under torchrun each
+    process takes the GPU of its local rank. A device that is not there is a clear error."""
+    text = str(device)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(text)
+    except RuntimeError as exc:
+        raise SplError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from exc
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SplError(f"--device {text}: no CUDA device here; use --device cpu")
+        if local_rank is not None:
+            chosen = torch.device("cuda", local_rank)
+        elif chosen.index is None:
+            chosen = torch.device("cuda", torch.cuda.current_device())
+    return chosen
+
+
+def default_workers(local_world: int = 1) -> int:
+    """DataLoader workers: the CPUs this process may use, less one, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus // max(local_world, 1) - 1))
+
+
+@dataclass
+class Processes:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, device: str) -> Processes:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        chosen = resolve_device(device, local_rank if world > 1 else None)
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        procs = cls(rank=rank, world=world, local_rank=local_rank, device=chosen)
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+                procs.owns_group = True
+        return procs
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every process says ok (a barrier too)."""
+        if self.world == 1:
+            return ok
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        flag = torch.tensor([int(ok)], device=self.device if backend == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def together(self, work: Callable[[], object], *, everyone: bool = True):
+        """Run ``work`` (on every rank, or rank 0 only); if it fails anywhere, fail everywhere."""
+        error: BaseException | None = None
+        value = None
+        try:
+            if everyone or self.rank == 0:
+                value = work()
+        except Exception as exc:  # re-raised below, after the other ranks hear of it
+            error = exc
+        if not self.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise SplError("another process of this torchrun job failed: see its message")
+        return value
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            self.all_ok(True)  # every rank arrives before the group goes away
+            dist.destroy_process_group()

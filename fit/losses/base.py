@@ -1,0 +1,383 @@
+"""The loss interface: what a single-positive loss is to spl.
+
+A loss is a small object (a subclass of :class:`Loss`) that knows
+
+- what it is: its ``key``, ``title``, whether it is a row of the paper's tables
+  (``in_paper``), which observed set it trains on (``trains_on``) and whether it reads
+  the full labels (``reads_labels``, the full-label baselines and IUN);
+- its options: a frozen dataclass ``Options`` whose defaults are its paper's, resolved
+  against the dataset (:class:`Context`) and overridable per loss from the command line;
+- its value: :meth:`Loss.value` gives the per-entry matrix and the regulariser of a batch.
+  This is what fine-tuning differentiates and what every fast path is checked against;
+- optionally a fast path for the linear engine: label-only weights (:meth:`Loss.weights`,
+  the weighted form ``pos * l+(p) + neg * l-(p)``, tabled once per epoch), a closed-form
+  logit gradient (:meth:`Loss.logit_gradient`), or, for losses with trainable per-row
+  state, :meth:`Loss.fused_step`. Without one, the engine uses autograd on ``value``;
+- optionally state that persists across batches and epochs (per training row, per head):
+  created by :meth:`Loss.init_state`, handed to ``value`` through :meth:`Loss.batch_state`,
+  updated by hooks at the start and end of an epoch and after a step; tensors named in
+  ``trainable`` are trained by the engine's Adam at ``lr x`` a multiplier.
+
+Tensors a loss receives have the heads, if any, in front: ``logits [..., B, L]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from spl.data.common import SplError
+
+# Parity: the reference adds 1e-5 *inside* the log and never clamps p.
+LOG_EPSILON = 1e-5
+
+SINGLE_POSITIVE = "single positive"
+WITH_NEGATIVES = "with observed negatives"
+
+
+def log_pos(p: torch.Tensor, eps: float = LOG_EPSILON) -> torch.Tensor:
+    """l+(p) = -log(p + eps): the cost of calling an entry positive."""
+    return -torch.log(p + eps)
+
+
+def log_neg(p: torch.Tensor, eps: float = LOG_EPSILON) -> torch.Tensor:
+    """l-(p) = -log(1 - p + eps): the cost of calling an entry negative."""
+    return -torch.log(1.0 - p + eps)
+
+
+def expected_positive_penalty(probabilities: torch.Tensor, expected: float) -> torch.Tensor:
+    """R_k(Q) = ((1/B) sum_n sum_i Q[n, i] - k)^2 / L^2 (weight 1, the paper's lambda)."""
+    num_classes = probabilities.shape[-1]
+    mean_count = probabilities.sum(dim=-1).mean(dim=-1)
+    return (mean_count - expected) ** 2 / num_classes**2
+
+
+def is_value(tensor: torch.Tensor, value: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """0/1 mask of ``tensor == value`` in ``dtype`` (the tensor's float dtype by default)."""
+    if dtype is None:
+        dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+    return (tensor == value).to(dtype)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a loss may know about the data: the number of classes, the expected positives
+    per image k (the dataset's, or ``--expected-positives``) and the prepared dataset's
+    name (per-dataset defaults of the methods since the paper)."""
+
+    num_classes: int | None = None
+    expected_positives: float | None = None
+    dataset: str | None = None
+
+
+@dataclass
+class Batch:
+    """What a loss sees for one batch. ``observed`` in {-1, 0, +1}; ``labels`` the full 0/1
+    labels (read only by losses with ``reads_labels``); ``epoch`` is 1-based; ``state``
+    holds the loss's per-row state for the batch rows (heads in front), e.g. ROLE's
+    ``estimates``."""
+
+    observed: torch.Tensor
+    labels: torch.Tensor | None = None
+    epoch: int = 1
+    num_epochs: int | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def need(self, name: str, loss: str) -> torch.Tensor:
+        if name not in self.state or self.state[name] is None:
+            raise ValueError(f"{loss} needs the batch's {name!r} (pass {name}=... to loss())")
+        return self.state[name]
+
+    def need_labels(self, loss: str) -> torch.Tensor:
+        if self.labels is None:
+            raise ValueError(f"{loss} reads the full labels: pass labels=... [B, L] 0/1")
+        return self.labels
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A loss without options."""
+
+
+class FusedStep(typing.NamedTuple):
+    """A stateful loss's part of one engine step, in the engine's layout (``[B, h, L]``
+    for h heads of the loss): the weighted-form weights of its classifier columns, what its
+    state adds to each head's loss ``[h]``, and the gradients of its trainable state for
+    the batch rows (``name -> [h, B, L]``). A named tuple: it is built inside the
+    compiled step."""
+
+    pos_weight: torch.Tensor
+    neg_weight: torch.Tensor
+    extra_loss: torch.Tensor
+    state_grads: dict[str, torch.Tensor]
+
+
+class Loss:
+    """Base class of every loss; a subclass sets the class attributes and ``value``."""
+
+    key: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    labels_seen: ClassVar[str] = "1 pos"
+    in_paper: ClassVar[bool] = False
+    trains_on: ClassVar[str] = SINGLE_POSITIVE
+    reads_labels: ClassVar[bool] = False
+    reduction: ClassVar[str] = "mean"  # over all B x L entries (the paper's); or "sum"
+    Options: ClassVar[type] = NoOptions
+    # State ``value`` reads from ``Batch.state``: keywords of the functional ``loss(...)``.
+    batch_state_names: ClassVar[tuple[str, ...]] = ()
+    # The weighted form: weight of R_k(P) beside pos * l+(p) + neg * l-(p).
+    regulariser_weight: ClassVar[float] = 0.0
+    # State tensors the engine trains with Adam, with their lr multiplier's option name.
+    trainable: ClassVar[dict[str, str]] = {}
+    # State tensors kept at each head's best epoch (the LinearInit hand-over).
+    snapshot: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: Any = None, context: Context | None = None) -> None:
+        self.context = context or Context()
+        self.options = options if options is not None else self.resolve({}, self.context)
+
+    # ------------------------------------------------------------------ options
+
+    @classmethod
+    def dataset_defaults(cls, context: Context) -> dict[str, Any]:
+        """Options whose default depends on the dataset (the methods' per-dataset values)."""
+        return {}
+
+    @classmethod
+    def resolve(cls, overrides: Mapping[str, Any], context: Context) -> Any:
+        """The options dataclass: paper defaults, then the dataset's, then ``overrides``."""
+        values = {**cls.dataset_defaults(context), **overrides}
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SplError(
+                f"loss {cls.key!r} has no option {unknown[0]!r}; its options: "
+                f"{describe_options(cls)}"
+            )
+        return cls.Options(**values)
+
+    @classmethod
+    def make(cls, overrides: Mapping[str, Any] | None = None, context: Context | None = None):
+        context = context or Context()
+        return cls(cls.resolve(overrides or {}, context), context)
+
+    def expected_positives(self) -> float:
+        """k: this loss's ``expected_positives`` option, else the dataset's."""
+        k = getattr(self.options, "expected_positives", None)
+        if k is None:
+            k = self.context.expected_positives
+        if k is None:
+            raise ValueError(f"{self.key} needs expected_positives (k, positives per image)")
+        return float(k)
+
+    # ------------------------------------------------------------------ the value
+
+    def value(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M ``[..., B, L]``, regulariser ``[...]``) for ``logits [..., B, L]``. The default
+        is the weighted form of :meth:`weights`."""
+        weights = self.weights(batch)
+        if weights is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither value nor weights")
+        p = torch.sigmoid(logits)
+        pos_weight, neg_weight = weights
+        matrix = pos_weight * log_pos(p) + neg_weight * log_neg(p)
+        reg = logits.new_zeros(logits.shape[:-2])
+        if self.regulariser_weight:
+            reg = self.regulariser_weight * expected_positive_penalty(p, self.expected_positives())
+        return matrix, reg
+
+    def batch_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The batch's loss ``[...]``: sum(M) / (B * L) + reg (the mean over all entries,
+        ignored entries counting as zeros), or sum(M) + reg for ``reduction = "sum"``."""
+        matrix, reg = self.value(logits, batch)
+        total = matrix.sum(dim=(-2, -1))
+        if self.reduction == "mean":
+            total = total / (matrix.shape[-1] * matrix.shape[-2])
+        return total + reg
+
+    # ------------------------------------------------------------------ fast paths
+
+    def weights(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(pos, neg) when the loss is ``pos * l+(p) + neg * l-(p)`` (+ R_k) with weights
+        that depend on the labels and the epoch only: the engine tables them once an epoch
+        and computes the gradient in closed form. None otherwise."""
+        return None
+
+    def logit_gradient(
+        self, logits: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(batch loss ``[...]``, d loss / d logits ``[..., B, L]``) in closed form, or None:
+        the engine then differentiates :meth:`value` with autograd."""
+        return None
+
+    def fused_step(
+        self,
+        probabilities: torch.Tensor,
+        observed: torch.Tensor,
+        state_rows: dict[str, torch.Tensor],
+        expected_positives: float,
+    ) -> FusedStep | None:
+        """For a weighted loss whose weights come from its trainable state (ROLE): the
+        weights and the state's gradient of one step, inside the engine's compiled step.
+        ``probabilities [B, h, L]`` (detached), ``observed [B, L]``, ``state_rows`` the
+        batch rows of the state (``[h, B, L]``)."""
+        return None
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(
+        self, observed: torch.Tensor, *, heads: int, seed: int
+    ) -> dict[str, torch.Tensor]:
+        """Per-row state for ``heads`` heads trained on ``observed [N, L]`` (empty: none)."""
+        return {}
+
+    def batch_state(
+        self, state: dict[str, torch.Tensor], rows: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The state ``value`` reads for the batch ``rows`` (None: every row)."""
+        return {}
+
+    def on_epoch_start(
+        self, state: dict[str, torch.Tensor], *, epoch: int, num_epochs: int, seed: int
+    ) -> None:
+        """Before epoch ``epoch`` (1-based): a schedule or a per-epoch draw."""
+
+    def after_step(
+        self, state: dict[str, torch.Tensor], *, rows: torch.Tensor, logits: torch.Tensor,
+        batch: Batch,
+    ) -> None:  # fmt: skip
+        """After the optimiser step on ``rows`` (``logits [h, B, L]`` before the step)."""
+
+    def wants_scores(self, *, epoch: int, num_epochs: int) -> bool:
+        """Whether :meth:`on_epoch_end` needs a scoring pass over the training rows."""
+        return False
+
+    def on_epoch_end(
+        self,
+        state: dict[str, torch.Tensor],
+        *,
+        epoch: int,
+        num_epochs: int,
+        seed: int,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        """After epoch ``epoch``; ``scores [h, N, L]`` are the heads' probabilities on the
+        training rows when :meth:`wants_scores` asked for them."""
+
+    def lr_multiplier(self, name: str) -> float:
+        return float(getattr(self.options, self.trainable[name]))
+
+    # ------------------------------------------------------------------ hand-over
+
+    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One head's state as stored in a linear run's heads.pt (its best epoch)."""
+        return {}
+
+    def label_estimates(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Probabilities ``[..., N, L]`` (float32) that the loss's state estimates for the
+        training labels (ROLE's estimator): a run records their histogram on the unobserved
+        positives and their recovery of the hidden labels. None: the loss keeps none."""
+        return None
+
+    def state_from_linear(
+        self, exported: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """LinearInit: fine-tuning's initial state from a linear head's exported state."""
+        return state
+
+
+# --------------------------------------------------------------------------- options
+
+
+def describe_options(loss: type[Loss]) -> str:
+    fields = dataclasses.fields(loss.Options)
+    if not fields:
+        return "none"
+    return ", ".join(f"{f.name} ({_type_name(f)}, default {_default(f)!r})" for f in fields)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _field_type(owner: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(owner)
+    return hints[f.name]
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return str(kind).replace("typing.", "")
+
+
+def coerce_option(loss: type[Loss], name: str, value: Any) -> Any:
+    """``value`` (a string from the command line, or a TOML/Python value) as the type of
+    ``loss.Options.<name>``; a clear error naming the loss and its options otherwise."""
+    fields = {f.name: f for f in dataclasses.fields(loss.Options)}
+    if name not in fields:
+        raise SplError(
+            f"loss {loss.key!r} has no option {name!r}; its options: {describe_options(loss)}"
+        )
+    kind = _field_type(loss.Options, fields[name])
+    try:
+        return _coerce(kind, value)
+    except (TypeError, ValueError) as exc:
+        raise SplError(
+            f"option {loss.key}.{name}: {value!r} is not a {_type_name(fields[name])} ({exc}); "
+            f"{loss.key}'s options: {describe_options(loss)}"
+        ) from None
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or str(value).strip().lower() == "none"):
+            return None
+        others = [a for a in args if a is not type(None)]
+        return _coerce(others[0], value)
+    if origin is tuple:
+        items = value
+        if isinstance(value, str):
+            items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(items, list | tuple):
+            raise TypeError("expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in items)
+        if len(items) != len(args):
+            raise ValueError(f"expected {len(args)} values, got {len(items)}")
+        return tuple(_coerce(a, v) for a, v in zip(args, items, strict=True))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError("expected an integer")
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError("expected a number")
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+        if not math.isfinite(number):
+            raise ValueError("not finite")
+        return number
+    if kind is str:
+        return str(value)
+    raise TypeError(f"unsupported option type {kind}")

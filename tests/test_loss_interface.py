@@ -1,0 +1,190 @@
+"""The loss interface: every registered loss's engine gradient against autograd of its value,
+per-loss options from the command line and --config, and the functional API."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spl.data.sampling import observe_uniform
+from spl.fit.engine import StackedHeads, epoch_batches, gradient_route
+from spl.fit.losses import LOSSES, Batch, Context, get_loss, loss, parse_loss_options
+
+from conftest import REPO, invoke
+
+
+def _data(seed=0, n=96, d=10, num_classes=6):
+    rng = np.random.RandomState(seed)
+    labels = (rng.rand(n, num_classes) < 0.35).astype(np.uint8)
+    labels[np.arange(n), rng.randint(0, num_classes, n)] = 1
+    X = labels @ rng.randn(num_classes, d) + rng.randn(n, d)
+    return X, labels, observe_uniform(labels, 1, 0, 7), observe_uniform(labels, 1, 1, 7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
+    """On random batches, the gradient the engine computes on each loss's route (label-only
+    weights, the fused closed form, autograd) equals autograd of the loss's own value, for
+    the logits and for trainable state."""
+    X, labels, observed, observed_iu = _data(seed)
+    model = StackedHeads(
+        losses=list(LOSSES), lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=3, expected_positives=1.7,
+        device="cpu", dtype=torch.float64,
+    )  # fmt: skip
+    # train a little first, so that logits and ROLE's estimates are not at their start
+    model.fit(X, observed, labels=labels, X_val=X[:30], Y_val=labels[:30], observed_iu=observed_iu)
+    model._setup(X, observed, labels, X[:30], labels[:30], observed_iu, model.state_dict())
+    (group,) = model.groups_
+    epoch = 2
+    for slot in group.slots.values():
+        slot.loss.on_epoch_start(slot.state, epoch=epoch, num_epochs=3, seed=group.seed)
+    model._epoch_tables(group, epoch)
+    rows = epoch_batches(len(X), 8, 0, seed, torch.device("cpu"))[seed]
+    logits, per_head, grad, state_grads = model.step_gradients(group, rows, epoch)
+    routes = set()
+    for key, slot in group.slots.items():
+        routes.add(gradient_route(type(slot.loss)))
+        sub = logits.index_select(1, slot.index).transpose(0, 1).detach().requires_grad_(True)
+        batch = model._batch(slot, rows, epoch)
+        batch.state = {k: v.detach().clone().requires_grad_(True) for k, v in batch.state.items()}
+        value = slot.loss.batch_loss(sub, batch)
+        value.sum().backward()
+        engine_grad = grad.index_select(1, slot.index).transpose(0, 1)
+        torch.testing.assert_close(engine_grad, sub.grad, rtol=1e-9, atol=1e-12, msg=key)
+        torch.testing.assert_close(per_head[slot.index], value.detach(), rtol=1e-9, atol=1e-12)
+        for part, grads in state_grads:
+            if part is slot:
+                (name,) = grads  # ROLE: theta, whose batch rows are the estimates
+                estimates = batch.state[slot.loss.batch_state_names[0]]
+                torch.testing.assert_close(grads[name], estimates.grad, rtol=1e-9, atol=1e-12)
+    assert routes == {"weights", "fused", "autograd"}
+
+
+def test_per_loss_options_reach_the_engine_and_are_recorded(tmp_path, runner):
+    from test_fit_linear import _arrays
+
+    paths = _arrays(tmp_path)
+    args = ["import-features", tmp_path / "ds" / "mine"]
+    for key, path in paths.items():
+        args += [f"--{key}", path]
+    invoke(runner, args)
+    dataset = tmp_path / "ds" / "mine"
+    base = ["fit-linear", dataset, "--features", "imported", "--out", tmp_path / "runs",
+            "--quiet", "--losses", "role,an_ls", "--lrs", "1e-3", "--batch-sizes", 8,
+            "--epochs", 1]  # fmt: skip
+    invoke(runner, [*base, "--loss-option", "role.estimator_lr_multiplier=5",
+                    "--loss-option", "an_ls.label_smoothing=0.2"])  # fmt: skip
+    (run,) = (tmp_path / "runs" / "mine" / "imported").iterdir()
+    config = json.loads((run / "config.json").read_text())
+    assert config["loss_options"]["role"] == {
+        "estimator_lr_multiplier": 5.0, "expected_positives": None,
+    }  # fmt: skip
+    assert config["loss_options"]["an_ls"] == {"label_smoothing": 0.2}
+    # refusals name the loss and its valid options
+    result = invoke(runner, [*base, "--loss-option", "role.bogus=1"], ok=False)
+    assert (
+        "loss 'role' has no option 'bogus'; its options: estimator_lr_multiplier" in result.output
+    )
+    result = invoke(runner, [*base, "--loss-option", "role.estimator_lr_multiplier=fast"], ok=False)
+    assert "role.estimator_lr_multiplier: 'fast' is not a float" in result.output
+    assert "estimator_lr_multiplier (float, default 10.0)" in result.output
+    result = invoke(runner, [*base, "--loss-option", "wan.gamma=0.5"], ok=False)
+    assert "options given for loss 'wan', which this run does not train" in result.output
+    result = invoke(runner, [*base, "--loss-option", "role=5"], ok=False)
+    assert "write LOSS.OPTION=VALUE" in result.output
+    (tmp_path / "bad.toml").write_text("[loss_options.role]\nestimator_lr_multiplier = true\n")
+    result = invoke(runner, [*base, "--config", tmp_path / "bad.toml"], ok=False)
+    assert f"{tmp_path / 'bad.toml'}: loss_options" in result.output
+    assert len(list((tmp_path / "runs" / "mine" / "imported").iterdir())) == 1
+
+
+def test_the_engine_trains_roles_estimator_at_its_option():
+    X, labels, observed, _ = _data()
+    model = StackedHeads(
+        losses=["role"], lrs=[1e-3], batch_sizes=[8], epochs=0, expected_positives=1.5,
+        loss_options={"role": {"estimator_lr_multiplier": 5}}, device="cpu",
+    ).fit(X, observed, labels=labels, X_val=X, Y_val=labels)  # fmt: skip
+    groups = model.groups_[0].optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 5e-3]
+
+
+def test_option_values_are_typed():
+    parsed = parse_loss_options(["wan.gamma=none", "bce_ls.label_smoothing=0.05"])
+    assert parsed == {"wan": {"gamma": None}, "bce_ls": {"label_smoothing": 0.05}}
+    assert parse_loss_options({"pseudo_neg": {"fraction": 1}}) == {"pseudo_neg": {"fraction": 1.0}}
+    for bad in ("pseudo_neg.fraction=nan", "epr.expected_positives=[1]"):
+        with pytest.raises(Exception, match="is not a float"):
+            parse_loss_options([bad])
+
+
+def test_functional_api_equals_the_loss_object():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    observed = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]])
+    value = loss("an_ls", logits, observed, label_smoothing=0.2)
+    objects = get_loss("an_ls").make({"label_smoothing": 0.2}, Context(4))
+    expected = objects.batch_loss(logits, Batch(observed.double()))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    value.backward()
+    assert logits.grad.abs().sum() > 0  # differentiable
+    with pytest.raises(Exception, match="takes no keyword 'smoothing'"):
+        loss("an_ls", logits, observed, smoothing=0.2)
+    with pytest.raises(ValueError, match="role needs the batch's 'estimates'"):
+        loss("role", logits, observed, expected_positives=1.0)
+
+
+def test_readme_training_loop_runs():
+    """The README's ten-line loop, executed as written."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- functional-api -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its functional-API example"
+    code = block.group(1)
+    assert len(code.strip().splitlines()) <= 12
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert scope["head"].weight.grad is not None
+
+
+def test_spl_losses_lists_every_loss(runner):
+    output = invoke(runner, ["losses"]).output
+    for key, cls in LOSSES.items():
+        assert re.search(rf"^{key}\s", output, re.M) and cls.title in output
+    assert "estimator_lr_multiplier (float, default 10.0)" in output
+
+
+def test_readme_names_every_loss():
+    text = Path(REPO / "README.md").read_text()
+    for key in LOSSES:
+        assert f"`{key}`" in text
+
+
+def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
+    """The worked example of docs/architecture.md, executed: the new class trains in the
+    engine and works in the functional API without any other change."""
+    from dataclasses import dataclass
+
+    import spl.fit.losses as losses_package
+    from spl.fit.losses.base import Loss, is_value, log_neg, log_pos
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    example = text.split("### A worked example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", example, re.S).group(1)
+    scope = {"Loss": Loss, "dataclass": dataclass, "torch": torch, "is_value": is_value,
+             "log_pos": log_pos, "log_neg": log_neg}  # fmt: skip
+    exec(compile(code, "architecture.md", "exec"), scope)  # noqa: S102 - the docs' example
+    focal = scope["FocalAN"]
+    monkeypatch.setitem(LOSSES, focal.key, focal)
+    monkeypatch.setitem(losses_package.GROUPS, "all", [*losses_package.GROUPS["all"], focal.key])
+    X, labels, observed, _ = _data()
+    model = StackedHeads(losses=["an", "an_focal"], lrs=[1e-2], batch_sizes=[8], epochs=2,
+                         loss_options={"an_focal": {"gamma": 1.0}}, device="cpu")  # fmt: skip
+    model.fit(X, observed, labels=labels, X_val=X, Y_val=labels, X_test=X, Y_test=labels)
+    assert [r["loss"] for r in model.results_] == ["an", "an_focal"]
+    assert model.losses_["an_focal"].options.gamma == 1.0
+    logits = torch.randn(4, 6)
+    assert loss("an_focal", logits, torch.tensor(observed[:4]), gamma=0.0).item() == pytest.approx(
+        loss("an", logits, torch.tensor(observed[:4])).item()
+    )  # gamma 0 is AN
