@@ -69,3 +69,21 @@ def test_histogram_counts_masked_entries_per_head():
     mask = torch.tensor([[True, True], [False, True]])
     counts = probability_histogram(probs, mask, bins=4)
     np.testing.assert_array_equal(counts, [[1, 0, 1, 1], [1, 0, 1, 1]])
+
+
+def test_paper_metric_ranks_float32_probabilities_as_the_official_code():
+    """Logits of standard deviation 10 saturate float32 sigmoids at 1.0: ranking them ties
+    what logits keep apart. The run records both, each equal to sklearn on its scores."""
+    from spl.evaluate.scoring import head_scores
+
+    rng = np.random.RandomState(0)
+    labels = (rng.rand(400, 6) < 0.3).astype(np.int64)
+    logits = torch.tensor(rng.randn(400, 6) * 10 + labels * 8, dtype=torch.float32)
+    (row,) = head_scores(logits[None], torch.tensor(labels))
+    expected, _ = sklearn_map(logits.numpy(), labels)
+    probabilities = torch.sigmoid(logits).numpy()  # float32, as the official code has them
+    assert (probabilities == 1.0).any()
+    paper, _ = sklearn_map(probabilities, labels)
+    assert row["test_map"] == pytest.approx(expected, abs=1e-4)
+    assert row["test_map_paper_metric"] == pytest.approx(paper, abs=1e-4)
+    assert abs(row["test_map"] - row["test_map_paper_metric"]) > 0.5
