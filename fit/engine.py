@@ -182,6 +182,15 @@ class _Group:
             dtype=torch.long,
         )
         self.fused_slots = [s for s in self.slots.values() if s.route == "fused"]
+        # What each fused loss needs per step, looked up once: (its pure step function,
+        # its head positions, its observed set, its trainable state tensors, k).
+        self.fused_parts = [
+            (
+                type(s.loss).fused_step, s.index, s.loss.trains_on,
+                tuple(s.state[name] for name in s.loss.trainable), _expected_positives(s.loss),
+            )
+            for s in self.fused_slots
+        ]  # fmt: skip
         self.custom_slots = [s for s in self.slots.values() if s.route in ("closed_form", "autograd")]  # fmt: skip
         self.hooked_slots = [s for s in self.slots.values() if _overrides(s.loss, "after_step")]
         reg = [float(losses[h.loss].regulariser_weight) for h in self.heads]
@@ -433,10 +442,10 @@ def batch_gradients(
     For a weighted loss M = A l+(p) + B l-(p), dM/dx = -A s/(p + eps) + B s/(1 - p + eps)
     with s = p(1 - p); R_k adds 2 (c - k) / (L^2 B) * s per entry (c: mean positive count).
     ``tables`` holds the batch's A and B for the heads with label-only weights;
-    ``fused_parts`` is one ``(loss, index, observed [B, L], state rows, k)`` per loss whose
-    weights come from its trainable state (ROLE), whose :meth:`~Loss.fused_step` gives its
-    weights and its state's gradient. Returns logits and grad as ``[B, H, L]`` and the
-    state gradients (one dict per fused part). A pure function of tensors, so that on a
+    ``fused_parts`` is one ``(fused_step, index, observed [B, L], state rows, k)`` per loss
+    whose weights come from its trainable state (ROLE): its :meth:`~Loss.fused_step` gives
+    its weights and its state's gradient. Returns logits and grad as ``[B, H, L]`` and the
+    state gradients (one tuple per fused part). A pure function of tensors, so that on a
     CPU it runs compiled as one or two loops instead of ~80 small kernels.
     """
     blocks, _, columns = weight_t.shape
@@ -453,8 +462,8 @@ def batch_gradients(
         pos_w.index_copy_(1, weighted_index, tables[0])
         neg_w.index_copy_(1, weighted_index, tables[1])
     steps = []
-    for loss, index, observed, state_rows, k in fused_parts:
-        step = loss.fused_step(p.index_select(1, index).detach(), observed, state_rows, k)
+    for fused_step, index, observed, state_rows, k in fused_parts:
+        step = fused_step(p.index_select(1, index).detach(), observed, state_rows, k)
         # The loss's classifier side is weighted: targets from its (stopped) state.
         pos_w.index_copy_(1, index, step.pos_weight)
         neg_w.index_copy_(1, index, step.neg_weight)
@@ -754,28 +763,25 @@ class StackedHeads:
             group.graph = None
 
     def step_gradients(
-        self, group: _Group, rows: torch.Tensor, epoch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[_Slot, dict]]]:
+        self, group: _Group, rows: torch.Tensor, epoch: int, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[_Slot, tuple]]]:
         """One batch of a group, without the update: logits ``[B, H, L]``, per-head losses,
         the logit gradients ``[B, H, L]`` on every head's route, and each trainable state's
-        gradient on the batch rows."""
+        gradients on the batch rows (in the loss's ``trainable`` order)."""
         data = self._data
-        x = data["X"].index_select(0, rows)  # [B, D + 1], ones column last
+        if x is None:
+            x = data["X"].index_select(0, rows)  # [B, D + 1], ones column last
         tables = None
         if group.tables is not None:
             tables = tuple(
                 t.index_select(0, rows).index_select(1, group.weighted_type) for t in group.tables
             )
+        observed = data["observed"]
         fused_parts = tuple(
-            (
-                slot.loss,
-                slot.index,
-                data["observed"][slot.loss.trains_on].index_select(0, rows),
-                {name: slot.state[name].index_select(1, rows) for name in slot.loss.trainable},
-                _expected_positives(slot.loss),
-            )
-            for slot in group.fused_slots
-        )
+            (step, index, observed[kind].index_select(0, rows),
+             tuple(t.index_select(1, rows) for t in state), k)
+            for step, index, kind, state, k in group.fused_parts
+        )  # fmt: skip
         args = (
             x, group.weight_t, tables, group.weighted_index, fused_parts, group.reg_weight,
             group.reg_target, group.num_classes,
@@ -792,16 +798,16 @@ class StackedHeads:
 
     def _step(self, group: _Group, rows: torch.Tensor, epoch: int) -> None:
         """One Adam step of every head in the group."""
-        x = self._data["X"].index_select(0, rows)
+        x = self._data["X"].index_select(0, rows)  # [B, D + 1], ones column last
         blocks, _, columns = group.weight_t.shape
-        logits, per_head, grad, state_grads = self.step_gradients(group, rows, epoch)
+        logits, per_head, grad, state_grads = self.step_gradients(group, rows, epoch, x)
         for slot, grads in state_grads:
-            for name, value in grads.items():
+            for name, value in zip(slot.loss.trainable, grads, strict=True):
                 slot.grads[name].index_copy_(1, rows, value)
         grad_t = grad.reshape(x.shape[0], blocks, columns).transpose(0, 1)  # [blocks, B, per*L]
         group.update(x, grad_t)
-        for slot, grads in state_grads:
-            for name in grads:  # the state's gradient lives on the batch rows only
+        for slot, _ in state_grads:
+            for name in slot.loss.trainable:  # the state's gradient lives on the batch rows
                 slot.grads[name].index_fill_(1, rows, 0)
         for slot in group.hooked_slots:
             slot_logits = logits.index_select(1, slot.index).transpose(0, 1)

@@ -57,9 +57,9 @@ def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
         torch.testing.assert_close(per_head[slot.index], value.detach(), rtol=1e-9, atol=1e-12)
         for part, grads in state_grads:
             if part is slot:
-                (name,) = grads  # ROLE: theta, whose batch rows are the estimates
+                (theta,) = grads  # ROLE: theta, whose batch rows are the estimates
                 estimates = batch.state[slot.loss.batch_state_names[0]]
-                torch.testing.assert_close(grads[name], estimates.grad, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(theta, estimates.grad, rtol=1e-9, atol=1e-12)
     assert routes == {"weights", "fused", "autograd"}
 
 

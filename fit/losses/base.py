@@ -110,13 +110,13 @@ class FusedStep(typing.NamedTuple):
     """A stateful loss's part of one engine step, in the engine's layout (``[B, h, L]``
     for h heads of the loss): the weighted-form weights of its classifier columns, what its
     state adds to each head's loss ``[h]``, and the gradients of its trainable state for
-    the batch rows (``name -> [h, B, L]``). A named tuple: it is built inside the
-    compiled step."""
+    the batch rows (``[h, B, L]`` each, in ``trainable`` order). A named tuple: it is
+    built inside the compiled step."""
 
     pos_weight: torch.Tensor
     neg_weight: torch.Tensor
     extra_loss: torch.Tensor
-    state_grads: dict[str, torch.Tensor]
+    state_grads: tuple[torch.Tensor, ...]
 
 
 class Loss:
@@ -217,17 +217,18 @@ class Loss:
         the engine then differentiates :meth:`value` with autograd."""
         return None
 
+    @staticmethod
     def fused_step(
-        self,
         probabilities: torch.Tensor,
         observed: torch.Tensor,
-        state_rows: dict[str, torch.Tensor],
+        state_rows: tuple[torch.Tensor, ...],
         expected_positives: float,
     ) -> FusedStep | None:
         """For a weighted loss whose weights come from its trainable state (ROLE): the
         weights and the state's gradient of one step, inside the engine's compiled step.
         ``probabilities [B, h, L]`` (detached), ``observed [B, L]``, ``state_rows`` the
-        batch rows of the state (``[h, B, L]``)."""
+        batch rows (``[h, B, L]``) of each ``trainable`` tensor, in that order. A pure
+        function of tensors (a static method), so that it compiles with the step."""
         return None
 
     # ------------------------------------------------------------------ state

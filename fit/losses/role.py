@@ -71,12 +71,13 @@ class ROLE(Loss):
         reg = 0.5 * (expected_positive_penalty(p, k) + expected_positive_penalty(y_est, k))
         return matrix, reg
 
-    def fused_step(self, probabilities, observed, state_rows, expected_positives):
+    @staticmethod
+    def fused_step(probabilities, observed, state_rows, expected_positives):
         """Both sides in closed form. The classifier side is the weighted form with the
         stopped estimates as targets; the estimator's gradient is that same form on its
         own logits, with the stopped probabilities as targets."""
         observed_pos = (observed == 1).to(probabilities.dtype)
-        theta = state_rows["theta"]  # [h, B, L]
+        (theta,) = state_rows  # [h, B, L]
         estimate = torch.sigmoid(theta).transpose(0, 1)  # [B, h, L]
         pos_weight = 0.5 * (observed_pos[:, None] + estimate)
         neg_weight = 0.5 * (1 - estimate)
@@ -95,7 +96,7 @@ class ROLE(Loss):
         e_grad = (
             e_grad * scale + (2 * 0.5 * (e_count - k) / (num_classes**2 * batch))[:, None] * e_s
         )
-        return FusedStep(pos_weight, neg_weight, e_loss, {"theta": e_grad.transpose(0, 1)})
+        return FusedStep(pos_weight, neg_weight, e_loss, (e_grad.transpose(0, 1),))
 
     def init_state(self, observed, *, heads, seed):
         theta = estimator_init(observed.cpu(), generator(seed, 0, "estimator"))
