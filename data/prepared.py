@@ -10,8 +10,12 @@ Layout (``trainval`` is the official training file, split into train/val by row 
     trainval/labels         [N1, L] uint8  full labels
     test/images, test/labels
     split/train, split/val  int64 rows of trainval, sorted
-    observed/<set>/trainval [N1, L] int8 in {-1, 0, +1}   attrs num_pos, num_neg, seed
-    observed/<set>/test     [N2, L] int8
+    observed/<set>/trainval [N1, L] int8 in {-1, 0, +1}   attrs bias, num_pos, num_neg, seed
+    observed/<set>/test     [N2, L] int8                 (semantic: also clicks_sha256)
+
+Observed sets are ``uniform-p<P>-n<N>-s<seed>`` (the paper's draw) or, drawn from COCO's
+instance annotations by :mod:`spl.data.bias`, ``<bias>-p1-s<seed>`` (size, location,
+semantic). Files written before the ``bias`` attribute existed read as ``uniform``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import h5py
 import numpy as np
 
 from spl.data.common import SplError, atomic_path, fingerprint_strings, plain
+from spl.data.protocol import BIASES, NUM_NEGATIVES, NUM_POSITIVES
 from spl.data.sampling import (
     DEFAULT_SEED,
     DEFAULT_VAL_FRACTION,
@@ -75,7 +80,7 @@ class PreparedDataset:
     labels: dict[str, np.ndarray]
     split: dict[str, np.ndarray]
     observed: dict[str, dict[str, np.ndarray]]
-    observed_params: dict[str, dict[str, int]]
+    observed_params: dict[str, dict[str, int | str]]  # per set: bias, num_pos, num_neg, seed
     expected_positives: float
     fingerprint: str
     attrs: dict = field(default_factory=dict)
@@ -101,7 +106,8 @@ class PreparedDataset:
             raise SplError(
                 f"{self.path}: no observed-label set {observed!r}; it has "
                 f"{', '.join(sorted(self.observed)) or 'none'}. Add one with "
-                f"`spl data observe {self.path.parent} --num-pos P --num-neg N --seed S`"
+                f"`spl data observe {self.path.parent} --num-pos P --num-neg N --seed S` "
+                "(or, for COCO, --bias size|location|semantic --seed S)"
             )
         return self.observed[observed]
 
@@ -230,36 +236,80 @@ def write_prepared(
                 if name in seen:
                     continue
                 seen.add(name)
-                _write_observed(h5, name, labels, num_pos, num_neg, seed)
+                arrays, params = _uniform_set(labels, num_pos, num_neg, seed)
+                _write_set(h5, name, arrays, params)
     return load_prepared(out_path.parent)
 
 
-def _write_observed(h5: h5py.File, name: str, labels: dict, num_pos: int, num_neg: int, seed: int):
+def _uniform_set(labels: dict, num_pos: int, num_neg: int, seed: int) -> tuple[dict, dict]:
+    arrays = {src: observe_uniform(labels[src], num_pos, num_neg, seed) for src in SOURCES}
+    params = {"bias": "uniform", "num_pos": num_pos, "num_neg": num_neg, "seed": seed}
+    return arrays, params
+
+
+def _write_set(h5: h5py.File, name: str, arrays: dict[str, np.ndarray], params: dict) -> None:
+    """Write ``observed/<name>``: one int8 array per source file, the parameters as attrs."""
     group = h5.create_group(f"observed/{name}")
-    group.attrs.update({"num_pos": num_pos, "num_neg": num_neg, "seed": seed})
+    group.attrs.update(params)
     for src in SOURCES:
-        observed = observe_uniform(labels[src], num_pos, num_neg, seed)
-        group.create_dataset(src, data=observed, compression="gzip")
+        group.create_dataset(src, data=np.asarray(arrays[src], dtype=np.int8), compression="gzip")
 
 
 def add_observed_set(
-    dataset_dir: Path, num_pos: int, num_neg: int, seed: int, *, force: bool = False
+    dataset_dir: Path,
+    num_pos: int = NUM_POSITIVES,
+    num_neg: int = NUM_NEGATIVES,
+    seed: int = DEFAULT_SEED,
+    *,
+    bias: str = "uniform",
+    source: Path | None = None,
+    clicks: Path | None = None,
+    force: bool = False,
 ) -> str:
-    """Add an observed-label set to an existing labels.h5 (copy, add, rename: atomic)."""
+    """Add an observed-label set to an existing labels.h5 (copy, add, rename: atomic) and
+    return its name.
+
+    ``bias="uniform"`` draws as the paper does (:func:`observe_uniform`, ``num_pos``
+    positives and ``num_neg`` negatives per image). ``"size"``, ``"location"`` and
+    ``"semantic"`` draw one positive per image from COCO's instance annotations
+    (:func:`spl.data.bias.observe_biased`), read under ``source`` (default: the folder the
+    dataset was prepared from), the semantic weights from the click files under
+    ``clicks``. Options are checked, and an existing set is refused without ``force``,
+    before any annotation file is read.
+    """
     import shutil
 
-    check_observed_counts(num_pos, num_neg)
+    if bias not in BIASES:
+        raise SplError(f"--bias must be one of {', '.join(BIASES)}; got {bias!r}")
+    if bias == "uniform":
+        check_observed_counts(num_pos, num_neg)
+        for option, value in (("--source", source), ("--clicks", clicks)):
+            if value is not None:
+                raise SplError(
+                    f"{option} is read only by --bias size, location or semantic; a uniform "
+                    "draw needs the prepared labels alone"
+                )
+    else:
+        # Imported here: spl.data.bias reads raw files through spl.data.sources, which
+        # imports this module.
+        from spl.data import bias as biased
+
+        biased.check_options(bias, num_pos, num_neg, clicks)
     path = labels_path(dataset_dir)
     prepared = load_prepared(dataset_dir)
-    name = observed_set_name(num_pos, num_neg, seed)
+    name = observed_set_name(num_pos, num_neg, seed, bias=bias)
     if name in prepared.observed and not force:
         raise SplError(f"{path} already has observed set {name}; pass --force to redo it")
+    if bias == "uniform":
+        arrays, params = _uniform_set(prepared.labels, num_pos, num_neg, seed)
+    else:
+        arrays, params = biased.observe_biased(prepared, bias, seed, source=source, clicks=clicks)
     with atomic_path(path, force=True) as tmp:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a") as h5:
             if f"observed/{name}" in h5:
                 del h5[f"observed/{name}"]
-            _write_observed(h5, name, prepared.labels, num_pos, num_neg, seed)
+            _write_set(h5, name, arrays, params)
     return name
 
 
@@ -296,7 +346,7 @@ def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
         observed, params = {}, {}
         for name, group in h5.get("observed", {}).items():
             observed[name] = {src: group[src][()] for src in SOURCES}
-            params[name] = {k: int(v) for k, v in group.attrs.items()}
+            params[name] = {"bias": "uniform", **{k: _param(v) for k, v in group.attrs.items()}}
     return PreparedDataset(
         path=path,
         name=str(attrs["name"]),
@@ -320,6 +370,14 @@ def _stored_root(image_root: Path, dataset_dir: Path) -> str:
         return image_root.relative_to(dataset_dir).as_posix() or "."
     except ValueError:
         return str(image_root)
+
+
+def _param(value) -> int | float | str:
+    """An observed set's attribute: counts and seeds as int, names and digests as str."""
+    value = plain(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _text(value) -> str:

@@ -42,10 +42,19 @@ LINEARINIT = {
 HISTOGRAM_BINS = 20
 
 
-def observed_set_name(num_pos: int, num_neg: int, seed: int) -> str:
-    """Name of an observed-label set in labels.h5, e.g. ``uniform-p1-n0-s1200``."""
+# How the observed positive is drawn: uniformly among the image's positives (the paper's
+# protocol), or biased towards large, central or often-clicked classes (methods.md s11;
+# COCO 2014 only, from its instance annotations).
+BIASES = ("uniform", "size", "location", "semantic")
+
+
+def observed_set_name(num_pos: int, num_neg: int, seed: int, bias: str = "uniform") -> str:
+    """Name of an observed-label set in labels.h5, e.g. ``uniform-p1-n0-s1200``, or for a
+    biased draw (one positive, no negative) ``size-p1-s1200``."""
     pos = "all" if num_pos == -1 else str(num_pos)
     neg = "all" if num_neg == -1 else str(num_neg)
+    if bias != "uniform":
+        return f"{bias}-p{pos}-s{seed}"
     return f"uniform-p{pos}-n{neg}-s{seed}"
 
 

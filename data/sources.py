@@ -10,6 +10,7 @@ import codecs
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,18 +149,7 @@ def read_coco14(source: Path) -> RawDataset:
     for src, phase in (("trainval", "train2014"), ("test", "val2014")):
         path = _require(source / "annotations" / f"instances_{phase}.json", COCO_LAYOUT)
         _require(source / phase, COCO_LAYOUT)
-        try:
-            data = json.loads(_read_text(path))
-        except json.JSONDecodeError as exc:
-            raise SplError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise SplError(
-                f"{path}: the top level is {_json_kind(data)}, expected a JSON object with "
-                "'images', 'annotations' and 'categories' (is this a COCO instances file?)"
-            )
-        for key in ("categories", "annotations", "images"):
-            if key not in data:
-                raise SplError(f"{path}: missing key {key!r} (is this a COCO instances file?)")
+        data = read_coco_json(path)
         categories = _coco_entries(data, path, "categories", {"id": "id", "name": "string"})
         category_ids = [cid for cid, _ in categories]
         names = [name for _, name in categories]
@@ -190,6 +180,29 @@ def read_coco14(source: Path) -> RawDataset:
     )
 
 
+def read_json(path: Path) -> object:
+    """A JSON file read as UTF-8 text (:func:`_read_text`), invalid JSON named with its file."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise SplError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def read_coco_json(path: Path) -> dict:
+    """A COCO instances file: a JSON object with 'images', 'annotations' and 'categories'
+    (each entry's fields are checked by :func:`_coco_entries` as they are read)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise SplError(
+            f"{path}: the top level is {_json_kind(data)}, expected a JSON object with "
+            "'images', 'annotations' and 'categories' (is this a COCO instances file?)"
+        )
+    for key in ("categories", "annotations", "images"):
+        if key not in data:
+            raise SplError(f"{path}: missing key {key!r} (is this a COCO instances file?)")
+    return data
+
+
 def _json_kind(value: object) -> str:
     if value is None:
         return "null"
@@ -202,35 +215,54 @@ def _coco_entries(data: dict, path: Path, key: str, fields: dict[str, str]) -> l
     """The ``fields`` of every entry of ``data[key]``, in order, each checked: a malformed
     entry is named by its index rather than ending in a TypeError deep in the reader.
 
-    A field is an ``"id"`` (a JSON integer; a string is let through as the old reader did)
-    or a ``"string"``.
+    A field is an ``"id"`` (a JSON integer; a string is let through as the old reader did),
+    a ``"string"``, a ``"number"`` (finite) or a ``"box"`` (a list of four finite numbers).
     """
     entries = data[key]
     if not isinstance(entries, list):
         raise SplError(f"{path}: {key!r} must be a list of objects, got {_json_kind(entries)}")
+    return _json_entries(entries, f"{path}: {key}", fields)
+
+
+def _json_entries(entries: list, where: str, fields: dict[str, str]) -> list[tuple]:
+    """The ``fields`` of every object of the JSON list ``entries`` (see :func:`_coco_entries`);
+    ``where`` names the list in errors, each entry by its index (``where[3]``)."""
     out = []
     for index, entry in enumerate(entries):
-        where = f"{path}: {key}[{index}]"
+        at = f"{where}[{index}]"
         if not isinstance(entry, dict):
             raise SplError(
-                f"{where} is {_json_kind(entry)}, expected an object with the keys "
+                f"{at} is {_json_kind(entry)}, expected an object with the keys "
                 f"{', '.join(map(repr, fields))}"
             )
         values = []
         for field, kind in fields.items():
             if field not in entry:
-                raise SplError(f"{where} lacks the key {field!r}")
+                raise SplError(f"{at} lacks the key {field!r}")
             value = entry[field]
-            if kind == "id":
-                ok = isinstance(value, (int, str)) and not isinstance(value, bool)
-                expected = "an integer id"
-            else:
-                ok, expected = isinstance(value, str), "a string"
+            ok, expected = _JSON_KINDS[kind](value)
             if not ok:
-                raise SplError(f"{where}: {field!r} must be {expected}, got {_json_kind(value)}")
+                non_finite = isinstance(value, float) and not math.isfinite(value)
+                got = repr(value) if non_finite else _json_kind(value)
+                raise SplError(f"{at}: {field!r} must be {expected}, got {got}")
             values.append(value)
         out.append(tuple(values))
     return out
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_JSON_KINDS: dict[str, Callable[[object], tuple[bool, str]]] = {
+    "id": lambda v: (isinstance(v, (int, str)) and not isinstance(v, bool), "an integer id"),
+    "string": lambda v: (isinstance(v, str), "a string"),
+    "number": lambda v: (_is_number(v), "a finite number"),
+    "box": lambda v: (
+        isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
+        "a list of four finite numbers [x, y, width, height]",
+    ),
+}
 
 
 # --------------------------------------------------------------------------- NUS-WIDE

@@ -110,9 +110,27 @@ def info(dataset: Path, as_json: bool) -> None:
 @config_option(ObserveSettings)
 @click.pass_context
 def observe(ctx: click.Context, dataset: Path, **options) -> None:
-    """Add another observed-label set (e.g. 2 positives, other seeds) to ROOT/NAME."""
+    """Add another observed-label set to ROOT/NAME: other counts or seeds (uniform), or one
+    positive drawn with a bias (--bias size|location|semantic, COCO 2014; see
+    docs/biased-labels.md). Train on it with --observed NAME."""
     settings = settings_from_cli(ctx, ObserveSettings, options)
     name = add_observed_set(
-        dataset, settings.num_pos, settings.num_neg, settings.seed, force=settings.force
+        dataset,
+        settings.num_pos,
+        settings.num_neg,
+        settings.seed,
+        bias=settings.bias,
+        source=settings.source,
+        clicks=settings.clicks,
+        force=settings.force,
     )
     click.echo(f"added observed set {name} to {labels_path(dataset)}")
+    if settings.bias != "uniform":
+        prepared = load_prepared(dataset)
+        for src, observed in prepared.observed_set(name).items():
+            drawn = observed.sum(axis=0)
+            top = ", ".join(
+                f"{prepared.classes[c]} {int(drawn[c])}" for c in drawn.argsort()[::-1][:5]
+            )
+            click.echo(f"  {src}: {int(drawn.sum())} images; most drawn: {top}")
+        click.echo(f"  train on it with --observed {name}")

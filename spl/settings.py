@@ -382,8 +382,9 @@ class FinetuneSettings(GridSettings):
 
 
 @dataclass
-class ObserveSettings:
-    """How single-positive labels are drawn (paper.md section 2): ``spl data observe``."""
+class DrawSettings:
+    """How single-positive labels are drawn (paper.md section 2), shared by ``spl data
+    prepare`` and ``spl data observe``."""
 
     num_pos: int = setting(
         protocol.NUM_POSITIVES, help="Observed positives per image (-1: all of them)."
@@ -393,6 +394,36 @@ class ObserveSettings:
     )
     seed: int = setting(protocol.LABEL_SEED, help="Label-sampling seed.")
     force: bool = setting(False, help="Recompute a set that exists.")
+
+
+@dataclass
+class ObserveSettings(DrawSettings):
+    """``spl data observe``: another observed-label set, uniform (the paper's) or biased
+    towards large, central or often-clicked classes (COCO; docs/biased-labels.md)."""
+
+    cli_order: ClassVar[tuple[str, ...]] = (
+        "bias", "seed", "num_pos", "num_neg", "source", "clicks",
+    )  # fmt: skip
+
+    bias: str = setting(
+        "uniform",
+        choices=protocol.BIASES,
+        help="uniform: the paper's draw. size, location, semantic: one positive per image, "
+        "drawn in proportion to the class's instance area, its instances' closeness to the "
+        "image centre, or its share of good crowd clicks (COCO 2014 only).",
+    )
+    source: Path | None = setting(
+        None,
+        path="dir",
+        help="--bias: the COCO folder with annotations/instances_{train,val}2014.json "
+        "[the folder the dataset was prepared from].",
+    )
+    clicks: Path | None = setting(
+        None,
+        path="dir",
+        help="--bias semantic: the folder with COCO's crowdsourcing_annotate_category_"
+        "val2014.json and crowdsourcing_instance_spotting_val2014.json.",
+    )
 
 
 @dataclass
@@ -554,7 +585,7 @@ def _fraction(value: Any, option: str):
 
 
 @dataclass
-class PrepareSettings(ObserveSettings):
+class PrepareSettings(DrawSettings):
     """``spl data prepare``: the raw dataset, its split and its observed-label draw."""
 
     source: Path | None = setting(

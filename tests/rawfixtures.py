@@ -160,3 +160,118 @@ def make_custom(root: Path, csv: str | bytes, images: tuple[str, ...] = ()) -> t
         csv = csv.encode("utf-8")
     path.write_bytes(csv)
     return folder, path
+
+
+COCO_CATEGORIES = [
+    {"id": 1, "name": "person"},
+    {"id": 3, "name": "car"},
+    {"id": 18, "name": "dog"},
+]
+
+
+def write_coco(root: Path, phases: dict, categories: list[dict] = COCO_CATEGORIES) -> None:
+    """A COCO 2014 tree from ``phases``: per phase (``train2014``, ``val2014``) a list of
+    images ``(id, width, height)`` and of annotations (dicts with ``image_id``,
+    ``category_id`` and any of ``area``, ``bbox`` [x, y, w, h], ``iscrowd``)."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for phase, spec in phases.items():
+        images = [
+            {"id": i, "file_name": f"COCO_{phase}_{i:012d}.jpg", "width": w, "height": h}
+            for i, w, h in spec["images"]
+        ]
+        anns = [{"id": n, "iscrowd": 0, **ann} for n, ann in enumerate(spec["annotations"])]
+        data = {"images": images, "annotations": anns, "categories": categories}
+        (root / "annotations" / f"instances_{phase}.json").write_text(json.dumps(data))
+        for image in images:
+            write_image(root / phase / image["file_name"], seed=image["id"], size=8)
+
+
+def _ann(image_id: int, category_id: int, area: float, bbox: list, crowd: int = 0) -> dict:
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "area": area,
+        "bbox": bbox,
+        "iscrowd": crowd,
+    }
+
+
+# Instances with known areas and boxes (columns: person 0, car 1, dog 2). Per annotated
+# image: its size and, per class, the hand-computed size weight and sum of 1/distance.
+COCO_INSTANCES = {
+    "train2014": {
+        "images": [(9, 100, 80), (25, 60, 60), (100, 50, 40), (7, 30, 30), (31, 40, 40)],
+        "annotations": [
+            _ann(9, 1, 300.0, [70, 30, 20, 20]),  # centre (80, 40): d = 30 from (50, 40)
+            _ann(25, 18, 50.0, [25, 25, 10, 10]),  # centre (30, 30) = the image centre
+            _ann(9, 3, 600.0, [20, 60, 20, 10], crowd=1),  # centre (30, 65): d = sqrt(1025)
+            _ann(100, 3, 80.0, [0, 0, 10, 8]),
+            _ann(25, 3, 150.0, [0, 0, 10, 10]),  # centre (5, 5): d = sqrt(1250)
+            _ann(9, 1, 100.0, [0, 0, 20, 20]),  # centre (10, 10): d = 50
+            _ann(25, 1, 200.0, [40, 0, 20, 60]),  # centre (50, 30): d = 20
+            _ann(31, 18, 0.0, [0, 0, 4, 4]),  # no area at all in image 31
+            _ann(31, 1, 0.0, [30, 30, 4, 4]),
+        ],
+    },
+    "val2014": {
+        "images": [(5, 200, 100), (42, 64, 48), (1000, 100, 100)],
+        "annotations": [
+            _ann(5, 18, 1000.0, [10, 50, 30, 20]),  # x 10..40, y 50..70
+            _ann(1000, 1, 500.0, [0, 0, 50, 50]),
+            _ann(5, 1, 3000.0, [100, 0, 50, 100]),  # x 100..150, y 0..100
+            _ann(1000, 3, 500.0, [50, 50, 50, 50]),
+        ],
+    },
+}
+COCO_INSTANCES_ROWS = {"trainval": [100, 25, 31, 9], "test": [1000, 5]}  # ids sorted as text
+COCO_INSTANCES_WEIGHTS = {
+    # image id: (size weight per class, sum over its instances of 1/d per class), d from
+    # the box centre (x + w/2, y + h/2) to the image centre, 0 counted as 0.0005
+    9: ([0.4, 0.6, 0.0], [1 / 30 + 1 / 50, 1 / 1025**0.5, 0.0]),
+    25: ([0.5, 0.375, 0.125], [1 / 20, 1 / 1250**0.5, 1 / 0.0005]),
+    100: ([0.0, 1.0, 0.0], [0.0, 1 / 656**0.5, 0.0]),  # (5, 4) to (25, 20)
+    31: ([0.0, 0.0, 0.0], [1 / (12 * 2**0.5), 0.0, 1 / (18 * 2**0.5)]),  # no area at all
+    1000: ([0.5, 0.5, 0.0], [1 / 1250**0.5, 1 / 1250**0.5, 0.0]),
+    5: ([0.75, 0.0, 0.25], [1 / 25, 0.0, 1 / 5725**0.5]),  # (125, 50), (25, 60) to (100, 50)
+}
+
+
+# Crowdsourced clicks on the val2014 images of COCO_INSTANCES, per click file: (image id,
+# category id, x, y) with x, y fractions of the image's width and height.
+COCO_CLICKS = {
+    "crowdsourcing_annotate_category_val2014.json": [
+        (5, 18, 0.125, 0.6),  # (25, 60): in the dog box (the release's reading: not)
+        (5, 1, 0.6, 0.5),  # (120, 50): in the person box (the release's reading: not)
+        (5, 1, 0.1, 0.1),  # (20, 10): outside
+        (1000, 3, 0.75, 0.75),  # (75, 75): in the car box
+        (1000, 1, 0.9, 0.1),  # (90, 10): outside the person box
+        (42, 3, 0.5, 0.5),  # an image without boxes
+    ],
+    "crowdsourcing_instance_spotting_val2014.json": [
+        (1000, 1, 0.2, 0.2),  # (20, 20): in the person box
+        (1000, 3, 0.1, 0.9),  # (10, 90): outside the car box
+        (5, 18, 0.1, 0.55),  # (20, 55): in the dog box
+        (5, 18, 0.9, 0.9),  # (180, 90): outside
+    ],
+}
+# good / total as the release counts them (an image listed once per click made for the
+# class, every click on it counted in the total), then the mean of the two files:
+# annotate: person 2/8, car 1/3, dog 1/3; spotting: person 1/2, car 0/2, dog 2/4.
+COCO_CLICK_WEIGHTS = {
+    "crowdsourcing_annotate_category_val2014.json": [2 / 8, 1 / 3, 1 / 3],
+    "crowdsourcing_instance_spotting_val2014.json": [1 / 2, 0.0, 2 / 4],
+}
+COCO_CLASS_WEIGHTS = [(2 / 8 + 1 / 2) / 2, (1 / 3 + 0.0) / 2, (1 / 3 + 2 / 4) / 2]
+
+
+def write_clicks(folder: Path, clicks: dict = COCO_CLICKS) -> Path:
+    """The click files as the COCO crowdsourcing release lays them out: JSON lists of
+    objects with im_id, cat_id, x, y (and keys the reader ignores)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in clicks.items():
+        records = [
+            {"im_id": i, "cat_id": c, "x": x, "y": y, "worker": n}
+            for n, (i, c, x, y) in enumerate(rows)
+        ]
+        (folder / name).write_text(json.dumps(records))
+    return folder
