@@ -1,18 +1,24 @@
 """Speed and memory of `spl fit-linear`'s engine (issue: fit-linear, point 6).
 
+f. The machine's floor for the sweep: its CPU model and caches, its copy bandwidth inside
+   and beyond the caches, its GEMM rate at the sweep's shapes and one Adam pass over each
+   group's stacked weights and ROLE estimators, each measured alone; the floor is what a
+   sweep made of nothing but those kernels would take (steps x (forward GEMM + gradient
+   GEMM + Adam passes) + the val and test scoring), printed next to part a's time.
 a. VOC-sized synthetic features: the paper's full sweep (9 losses x 4 lrs x 2 batch sizes
    x 25 epochs) with the stacked engine, and side by side in the same run the same sweep
-   done the way the reference code does it (one configuration at a time, a DataLoader over
-   features, torch.optim.Adam, val and test scored every epoch with scikit-learn's AP).
-   The reference costs the same per configuration whatever its learning rate, so by
-   default it runs every loss at both batch sizes for one lr (18 of the 72 runs, full 25
-   epochs) and multiplies by the number of lrs; --reference-lrs all runs all 72.
+   done by a lean plain loop (one configuration at a time: a DataLoader over the feature
+   rows, nn.Linear, torch.optim.Adam, the loss object built once; val and test scored
+   once per epoch each, with one forward and scikit-learn's AP). A configuration costs
+   the same whatever its learning rate, so by default it runs every loss at both batch
+   sizes for one lr (18 of the 72 runs, full 25 epochs) and multiplies by the number of
+   lrs; --reference-lrs all runs all 72.
 b. COCO-sized features: seconds per epoch of the full sweep (timed over a slice of each
    group's epoch and scaled), peak memory, projected total.
 c. mAP: the batched implementation against scikit-learn's per-class loop.
 d. With --device cuda: the COCO-sized full sweep on the GPU (all 25 epochs).
 
-    python benchmarks/bench_fit_linear.py --parts a,b,c [--device cpu]
+    python benchmarks/bench_fit_linear.py --parts f,a,c [--device cpu]
 
 Prints a table and writes benchmarks/results/fit_linear.md (one section per machine).
 """
@@ -65,24 +71,6 @@ def synthetic(sizes: dict, seed: int = 0):
 # ------------------------------------------------------------------ reference-style loop
 
 
-class _FeatureDataset(torch.utils.data.Dataset):
-    """As the reference code's feature dataset: one dict per item, copied from NumPy."""
-
-    def __init__(self, feats, labels, observed):
-        self.feats, self.labels, self.observed = feats, labels, observed
-
-    def __len__(self):
-        return len(self.feats)
-
-    def __getitem__(self, idx):
-        return {
-            "feats": torch.FloatTensor(np.copy(self.feats[idx])),
-            "label_vec_obs": torch.FloatTensor(np.copy(self.observed[idx])),
-            "label_vec_true": torch.FloatTensor(np.copy(self.labels[idx])),
-            "idx": idx,
-        }
-
-
 def _sklearn_map(scores: np.ndarray, labels: np.ndarray) -> float:
     from sklearn.metrics import average_precision_score
 
@@ -96,19 +84,16 @@ def _sklearn_map(scores: np.ndarray, labels: np.ndarray) -> float:
     return 100 * float(np.mean(aps))
 
 
-def reference_run(loss, lr, bs, data, observed, observed_iu, epochs, k, device):
-    """One configuration the way the reference code trains it."""
+def reference_run(key, lr, bs, data, observed, observed_iu, epochs, k, device):
+    """One configuration the way a lean plain loop trains it."""
     (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = data["train"], data["val"], data["test"]
-    key = loss
     loss = get_loss(key).make(context=Context(Ytr.shape[1], k))
     obs = observed_iu if loss.trains_on == WITH_NEGATIVES else observed
-    loaders = {
-        "train": torch.utils.data.DataLoader(
-            _FeatureDataset(Xtr, Ytr, obs), batch_size=bs, shuffle=True, drop_last=True
-        ),
-        "val": torch.utils.data.DataLoader(_FeatureDataset(Xva, Yva, Yva), batch_size=bs),
-        "test": torch.utils.data.DataLoader(_FeatureDataset(Xte, Yte, Yte), batch_size=bs),
-    }
+    rows = torch.utils.data.TensorDataset(
+        torch.from_numpy(Xtr), torch.from_numpy(obs.astype(np.float32)),
+        torch.from_numpy(Ytr.astype(np.float32)), torch.arange(len(Xtr)),
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(rows, batch_size=bs, shuffle=True, drop_last=True)
     model = torch.nn.Linear(Xtr.shape[1], Ytr.shape[1]).to(device)
     groups = [{"params": model.parameters(), "lr": lr}]
     theta = None
@@ -116,32 +101,142 @@ def reference_run(loss, lr, bs, data, observed, observed_iu, epochs, k, device):
         theta = torch.nn.Parameter(estimator_init(torch.tensor(obs)).to(device))
         groups.append({"params": [theta], "lr": lr * loss.lr_multiplier("theta")})
     optimizer = torch.optim.Adam(groups)
+    X_val, X_test = torch.from_numpy(Xva).to(device), torch.from_numpy(Xte).to(device)
     best = -1.0
     for _ in range(epochs):
-        model.train()
-        for batch in loaders["train"]:
-            feats = batch["feats"].to(device)
-            state = {} if theta is None else {"estimates": theta[batch["idx"].to(device)]}
-            lb = Batch(
-                batch["label_vec_obs"].to(device), batch["label_vec_true"].to(device), state=state
-            )
+        for x, z, y, index in loader:
+            state = {} if theta is None else {"estimates": theta[index.to(device)]}
+            batch = Batch(z.to(device), y.to(device), state=state)
             optimizer.zero_grad()
-            loss.batch_loss(model(feats), lb).backward()
+            loss.batch_loss(model(x.to(device)), batch).backward()
             optimizer.step()
-        model.eval()
-        scores = {}
         with torch.no_grad():
-            for phase in ("val", "test"):
-                preds, labels = [], []
-                for batch in loaders[phase]:
-                    preds.append(torch.sigmoid(model(batch["feats"].to(device))).cpu().numpy())
-                    labels.append(batch["label_vec_true"].numpy())
-                scores[phase] = _sklearn_map(np.concatenate(preds), np.concatenate(labels))
-        best = max(best, scores["val"])
+            val = _sklearn_map(torch.sigmoid(model(X_val)).cpu().numpy(), Yva)
+            _sklearn_map(torch.sigmoid(model(X_test)).cpu().numpy(), Yte)
+        best = max(best, val)
     return best
 
 
 # ------------------------------------------------------------------ parts
+
+
+def _median_seconds(function, repeats: int = 9, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def cache_sizes() -> dict[str, int]:
+    """Bytes of each cache level (per core for L1/L2, per socket for L3), from sysfs."""
+    sizes = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+        sizes[f"L{level}"] = int(text.rstrip("KMG")) * scale
+    return sizes
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """GB/s moved (read + write) by copying a buffer of ``nbytes``."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), repeats=7 if nbytes < 2**28 else 3)
+    return 2 * nbytes / seconds / 1e9
+
+
+def floor_of_sweep(sizes: dict, heads_per_lr: int, epochs: int) -> dict:
+    """Seconds the sweep's kernels take alone: per step the forward and gradient GEMMs and
+    one Adam pass over the stacked weights and over ROLE's estimators (dense), per epoch the
+    val scoring of every head, and the test scoring once."""
+    from spl.evaluate.metrics import mean_average_precision
+    from spl.fit.fused import denormals_flushed
+
+    D, L = sizes["dim"] + 1, sizes["classes"]
+    blocks, columns = len(PAPER_LRS), heads_per_lr * L
+    out: dict = {"per_step": {}}
+    with denormals_flushed():
+        weight = torch.randn(blocks, D, columns) * 0.01
+        moments = [torch.zeros_like(weight), torch.zeros_like(weight)]
+        theta = torch.randn(blocks, sizes["train"], L)
+        theta_moments = [torch.zeros_like(theta), torch.zeros_like(theta)]
+        steps = [torch.ones(()) for _ in range(2)]
+
+        def adam(param, grad, m, v, step):
+            torch._fused_adam_([param], [grad], [m], [v], [], [step], lr=1e-3, beta1=0.9,
+                               beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                               maximize=False)  # fmt: skip
+
+        adam_weights = _median_seconds(lambda: adam(weight, weight, *moments, steps[0]))
+        adam_theta = _median_seconds(lambda: adam(theta, theta, *theta_moments, steps[1]))
+        total = 0.0
+        for bs in PAPER_BATCH_SIZES:
+            x = torch.randn(bs, D)
+            grad_out = torch.randn(blocks, bs, columns)
+            grad = torch.empty_like(weight)
+            forward = _median_seconds(lambda x=x: torch.matmul(x, weight))
+            backward = _median_seconds(
+                lambda x=x, g=grad_out, o=grad: torch.matmul(x.t(), g, out=o)
+            )
+            step = forward + backward + adam_weights + adam_theta
+            out["per_step"][bs] = {"forward": forward, "gradient": backward,
+                                   "adam_weights": adam_weights, "adam_theta": adam_theta,
+                                   "step": step, "gflops": 2 * 2 * bs * D * blocks * columns
+                                   / (forward + backward) / 1e9}  # fmt: skip
+            total += epochs * (sizes["train"] // bs) * step
+        val = torch.randn(sizes["val"], D)
+        flat = weight.permute(1, 0, 2).reshape(D, -1)
+        labels = (torch.rand(sizes["val"], L) < 0.1).float()
+        score_val = _median_seconds(
+            lambda: mean_average_precision((val @ flat).view(-1, blocks * heads_per_lr, L)
+                                           .permute(1, 0, 2), labels, chunk=16), repeats=3,
+        )  # fmt: skip
+        total += epochs * len(PAPER_BATCH_SIZES) * score_val
+        total += score_val * sizes["test"] / sizes["val"]  # the test split, once
+        out["score_val"] = score_val
+    out["total"] = total
+    return out
+
+
+def part_f(args, rows):
+    caches = cache_sizes()
+    named = ", ".join(f"{k} {v / 2**20:g} MiB" for k, v in caches.items())
+    rows.append(("f", f"CPU: {machine()}; caches: {named or 'unknown'}", ""))
+    inside = int(min(caches.get("L2", 2**21), 2**22) * 0.5)
+    l3 = caches.get("L3", 2**25)
+    for label, nbytes in (
+        (f"copy bandwidth inside L2 ({inside / 2**20:.1f} MiB buffer)", inside),
+        (f"copy bandwidth inside L3 ({min(l3 // 4, 2**26) / 2**20:.0f} MiB)", min(l3 // 4, 2**26)),
+        (f"copy bandwidth beyond the caches ({4 * l3 / 2**30:.1f} GiB)", 4 * l3),
+    ):
+        rows.append(("f", label, f"{copy_bandwidth(nbytes):.0f} GB/s"))
+    floor = floor_of_sweep(VOC, len(PAPER_LOSSES), args.epochs)
+    for bs, parts in floor["per_step"].items():
+        rows.append((
+            "f", f"batch {bs}, kernels alone: forward / gradient GEMM ({parts['gflops']:.0f} "
+            "GFLOP/s), Adam over weights / ROLE estimators",
+            f"{parts['forward'] * 1e3:.2f} / {parts['gradient'] * 1e3:.2f} / "
+            f"{parts['adam_weights'] * 1e3:.2f} / {parts['adam_theta'] * 1e3:.2f} ms = "
+            f"{parts['step'] * 1e3:.2f} ms a step",
+        ))  # fmt: skip
+    rows.append(("f", "val scoring of the 72 heads (one epoch of one group)",
+                 f"{floor['score_val'] * 1e3:.0f} ms"))  # fmt: skip
+    rows.append(
+        ("f", f"floor of the VOC-sized sweep ({args.epochs} epochs)", f"{floor['total']:.1f} s")
+    )
+    args.floor = floor["total"]
 
 
 def part_a(args, rows):
@@ -182,8 +277,12 @@ def part_a(args, rows):
         if args.reference_lrs == "all"
         else f" (measured {len(PAPER_LOSSES) * 2 * len(lrs)} runs: {measured:.0f} s, x{len(PAPER_LRS) // len(lrs)})"
     )
-    rows.append(("a", f"same sweep, reference-style loop{note}", f"{reference:.0f} s"))
-    rows.append(("a", "speed-up (reference / stacked)", f"{reference / ours:.1f}x"))
+    rows.append(("a", f"same sweep, lean plain loop{note}", f"{reference:.0f} s"))
+    rows.append(("a", "speed-up (lean loop / stacked)", f"{reference / ours:.1f}x"))
+    if getattr(args, "floor", None):
+        rows.append(
+            ("a", "stacked engine / the machine's floor (part f)", f"{ours / args.floor:.2f}x")
+        )
 
 
 def part_b(args, rows):
@@ -356,7 +455,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--parts", default="f,a,c")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--reference-lrs", choices=["one", "all"], default="one")
@@ -366,7 +465,7 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[tuple[str, str, str]] = []
     for part in args.parts.split(","):
-        {"a": part_a, "b": part_b, "c": part_c, "d": part_d}[part](args, rows)
+        {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "f": part_f}[part](args, rows)
         for row in rows:
             print(f"{row[0]}  {row[1]:<90} {row[2]}", flush=True)
         print()

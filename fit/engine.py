@@ -150,6 +150,7 @@ class _Group:
         dtype: torch.dtype,
         graphs: bool = False,
         compiled: bool = True,
+        update: str = "auto",
     ):
         # Heads sorted by lr: each lr's heads form one contiguous block of the stacked
         # weights, so one fused Adam call (one param group) updates the block in place.
@@ -204,14 +205,33 @@ class _Group:
             slot.best = {name: slot.state[name].clone() for name in slot.loss.snapshot}
         # CUDA graphs replay optimizer.step(): Adam must keep its step count on the device.
         self.capturable = bool(graphs) and torch.device(device).type == "cuda"
+        # What Adam updates, stack by stack: the weights (one lr per block) and each loss's
+        # trainable state (one lr per head); one param group per leading index.
+        per_block = n_heads // self.blocks
+        block_lrs = [self.heads[b * per_block].lr for b in range(self.blocks)]
+        self.stacks = [(self.weight_t, self.weight_grad_t, block_lrs)]
+        for slot in self.slots.values():
+            for name in slot.loss.trainable:
+                multiplier = slot.loss.lr_multiplier(name)
+                lrs = [self.heads[position].lr * multiplier for position in slot.positions]
+                self.stacks.append((slot.state[name], slot.grads[name], lrs))
         self.optimizer = self._make_optimizer(capturable=self.capturable)
-        # On a CPU, one compiled pass forms the weight gradient and applies Adam (fused.py).
         self.compiled = (
             compiled and not self.capturable and bool(self.optimizer.param_groups[0].get("fused"))
         )
+        # On a CPU the update runs compiled too (fused.py), on the path fastest here: the
+        # gradient formed inside the Adam pass, or a GEMM then one compiled Adam pass.
+        self.update_mode = "eager"
         if self.compiled:
-            self.exp_avg_t = torch.zeros_like(self.weight_t)
-            self.exp_avg_sq_t = torch.zeros_like(self.weight_t)
+            chosen = (
+                update if update != "auto" else fused.choose_update(self.stacks, self.batch_size)
+            )
+            self.update_mode = chosen
+            self.compiled = not fused.broken()
+            if not self.compiled:
+                self.update_mode = "eager"
+        self.moments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.update_mode != "eager":
             self._bind_moments()
         self.best_weight = self.weight
         self.best_val = torch.full((n_heads,), -1.0, dtype=torch.float64)
@@ -223,61 +243,85 @@ class _Group:
 
     def _make_optimizer(self, capturable: bool) -> torch.optim.Optimizer:
         groups = []
-        per_block = len(self.heads) // self.blocks
-        for block in range(self.blocks):
-            param = _view_param(self.weight_t[block], self.weight_grad_t[block])
-            groups.append({"params": [param], "lr": self.heads[block * per_block].lr})
-        for slot in self.slots.values():
-            for name in slot.loss.trainable:
-                multiplier = slot.loss.lr_multiplier(name)
-                for k, position in enumerate(slot.positions):
-                    param = _view_param(slot.state[name][k], slot.grads[name][k])
-                    groups.append({"params": [param], "lr": self.heads[position].lr * multiplier})
+        for param_stack, grad_stack, lrs in self.stacks:
+            for index, lr in enumerate(lrs):
+                param = _view_param(param_stack[index], grad_stack[index])
+                groups.append({"params": [param], "lr": lr})
         return _adam(groups, self.weight_t.device, capturable)
 
     def _bind_moments(self) -> None:
-        """Adam's state created up front, with the weight blocks' moments as views of two
-        stacked tensors that the compiled update reads and writes in one pass; torch.optim
+        """Adam's state created up front, with each stack's moments as views of two stacked
+        tensors that the compiled update reads and writes in one pass; torch.optim
         (checkpoints, the eager fallback) sees the very same state."""
         optimizer = self.optimizer
-        for block, group in enumerate(optimizer.param_groups):
-            param = group["params"][0]
-            state = optimizer.state[param]
-            if not state:  # what torch.optim.Adam(fused=True) creates on its first step
-                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                state["exp_avg"] = torch.zeros_like(param)
-                state["exp_avg_sq"] = torch.zeros_like(param)
-            if block < self.blocks:
-                for key, stacked in (
-                    ("exp_avg", self.exp_avg_t),
-                    ("exp_avg_sq", self.exp_avg_sq_t),
-                ):
-                    stacked[block].copy_(state[key])
-                    state[key] = stacked[block]
+        groups = iter(optimizer.param_groups)
+        self.moments = []
+        for param_stack, _, lrs in self.stacks:
+            stacked = (torch.zeros_like(param_stack), torch.zeros_like(param_stack))
+            for index in range(len(lrs)):
+                param = next(groups)["params"][0]
+                state = optimizer.state[param]
+                if not state:  # what torch.optim.Adam(fused=True) creates on its first step
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                for key, moment in zip(("exp_avg", "exp_avg_sq"), stacked, strict=True):
+                    moment[index].copy_(state[key])
+                    state[key] = moment[index]
+            self.moments.append(stacked)
 
     def update(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """Adam step of every head from the batch ``x [B, D + 1]`` and the logit gradients
         ``grad_out [blocks, B, per * L]``, the state's gradients already in place."""
-        if self.compiled:
-            groups = self.optimizer.param_groups[: self.blocks]
-            states = [self.optimizer.state[g["params"][0]] for g in groups]
+        if self.update_mode != "eager":
+            optimizer = self.optimizer
+            states = [optimizer.state[g["params"][0]] for g in optimizer.param_groups]
             step = int(states[0]["step"].item()) + 1
-            (beta1, beta2), eps = groups[0]["betas"], groups[0]["eps"]
-            # In float64 first, as torch's fused kernel computes them.
-            step_size = [g["lr"] / (1 - beta1**step) for g in groups]
+            (beta1, beta2), eps = (
+                optimizer.param_groups[0]["betas"],
+                optimizer.param_groups[0]["eps"],
+            )
             dtype = self.weight_t.dtype
-            done = fused.attempt(
-                fused.adam_update, x, grad_out, self.weight_t, self.exp_avg_t, self.exp_avg_sq_t,
-                torch.tensor(step_size, dtype=dtype).view(-1, 1, 1),
-                torch.tensor(math.sqrt(1 - beta2**step), dtype=dtype), beta1, beta2, eps,
-            )  # fmt: skip
-            if done:
-                torch._foreach_add_([s["step"] for s in states], 1)
-                self.adam_step(first=self.blocks)  # the losses' trainable state
+            # In float64 first, as torch's fused kernel computes them.
+            bias_correction2_sqrt = torch.tensor(math.sqrt(1 - beta2**step), dtype=dtype)
+            stacks = []
+            for (param, grad, lrs), (exp_avg, exp_avg_sq) in zip(
+                self.stacks, self.moments, strict=True
+            ):
+                size = torch.tensor([lr / (1 - beta1**step) for lr in lrs], dtype=dtype)
+                size = size.view(-1, *([1] * (param.dim() - 1)))
+                stacks.append((param, grad, exp_avg, exp_avg_sq, size))
+            constants = (bias_correction2_sqrt, beta1, beta2, eps)
+            if self.update_mode == "inpass":
+                weight, _, exp_avg, exp_avg_sq, size = stacks[0]
+                if fused.attempt(
+                    fused.adam_update, x, grad_out, weight, exp_avg, exp_avg_sq, size, *constants
+                ):
+                    rest = tuple(stacks[1:])
+                    if not rest or fused.attempt(fused.adam_apply, rest, *constants):
+                        torch._foreach_add_([s["step"] for s in states], 1)
+                        return
+                    # the weights are updated; the rest eagerly
+                    torch._foreach_add_([s["step"] for s in states[: self.blocks]], 1)
+                    self._fall_back()
+                    self.adam_step(first=self.blocks)
+                    return
+            else:  # "gemm"
+                torch.matmul(x.t(), grad_out, out=self.weight_grad_t)
+                if fused.attempt(fused.adam_apply, tuple(stacks), *constants):
+                    torch._foreach_add_([s["step"] for s in states], 1)
+                    return
+                self._fall_back()
+                self.adam_step()
                 return
-            self.compiled = False
+            self._fall_back()
         torch.matmul(x.t(), grad_out, out=self.weight_grad_t)
         self.adam_step()
+
+    def _fall_back(self) -> None:
+        """Compilation failed (warned once by fused.py): eager from here on."""
+        self.update_mode = "eager"
+        self.compiled = False
 
     def adam_step(self, first: int = 0) -> None:
         """``optimizer.step()`` without its per-call Python bookkeeping, which costs about as
@@ -358,7 +402,7 @@ class _Group:
         self.optimizer.load_state_dict(state["adam"])  # casts moments to the device
         for group in self.optimizer.param_groups:  # a checkpoint may come from the CPU
             group["capturable"] = self.capturable
-        if self.compiled:
+        if self.update_mode != "eager":
             self._bind_moments()
         self.best_weight.copy_(state["best_weight"])
         self.best_val.copy_(state["best_val"])
@@ -488,7 +532,10 @@ class StackedHeads:
 
     ``loss_options`` maps a loss key to its option overrides (``{"role":
     {"estimator_lr_multiplier": 5}}``); ``expected_positives`` and ``dataset`` are what the
-    losses know of the data (k, and the name that picks per-dataset defaults).
+    losses know of the data (k, and the name that picks per-dataset defaults). On a CPU,
+    ``update`` picks the compiled Adam path (``auto``: the fastest on this machine, see
+    :func:`spl.fit.fused.choose_update`; ``inpass``, ``gemm``; ``eager`` never compiles it)
+    and ``flush_denormals`` treats denormal floats as zero while training (fused.py).
     """
 
     def __init__(
@@ -506,6 +553,8 @@ class StackedHeads:
         histogram_bins: int = protocol.HISTOGRAM_BINS,
         eval_chunk_heads: int = 16,
         cuda_graphs: bool = True,
+        flush_denormals: bool = True,
+        update: str = "auto",
     ) -> None:
         self.losses = list(losses)
         self.lrs = list(lrs)
@@ -520,6 +569,8 @@ class StackedHeads:
         self.histogram_bins = histogram_bins
         self.eval_chunk_heads = eval_chunk_heads
         self.cuda_graphs = cuda_graphs
+        self.flush_denormals = flush_denormals
+        self.update = update
 
     # ------------------------------------------------------------------ public API
 
@@ -549,20 +600,21 @@ class StackedHeads:
         """
         self._setup(X, observed, labels, X_val, Y_val, observed_iu, state)
         self.train_seconds_ = 0.0
-        for group in self.groups_:
-            while group.epochs_done < self.epochs:
-                start = time.perf_counter()
-                record = self._train_epoch(group, on_step)
-                record.update(self._validate(group))
-                record["seconds"] = time.perf_counter() - start
-                self.train_seconds_ += record["seconds"]
-                self.history_.extend(_split_record(group, record))
-                if on_epoch is not None:
-                    on_epoch(self, {"group": group, **record})
-            group.graph = None
-        self._collect()
-        if X_test is not None and Y_test is not None:
-            self._score(X_test, Y_test)
+        with fused.denormals_flushed(self.device_.type == "cpu" and self.flush_denormals):
+            for group in self.groups_:
+                while group.epochs_done < self.epochs:
+                    start = time.perf_counter()
+                    record = self._train_epoch(group, on_step)
+                    record.update(self._validate(group))
+                    record["seconds"] = time.perf_counter() - start
+                    self.train_seconds_ += record["seconds"]
+                    self.history_.extend(_split_record(group, record))
+                    if on_epoch is not None:
+                        on_epoch(self, {"group": group, **record})
+                group.graph = None
+            self._collect()
+            if X_test is not None and Y_test is not None:
+                self._score(X_test, Y_test)
         self._data = None
         return self
 
@@ -654,6 +706,7 @@ class StackedHeads:
                 group = _Group(
                     heads, self.losses_, num_features, observed_sets, device, dtype,
                     graphs=self.cuda_graphs, compiled=fused.enabled(device, work),
+                    update=self.update,
                 )  # fmt: skip
                 self.groups_.append(group)
                 self.heads_.extend(group.heads)

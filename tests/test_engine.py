@@ -80,9 +80,13 @@ def _data():
     return X, labels, observed, observed_iu
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-update", "eager-update"])
+@pytest.mark.parametrize(
+    "compiled,update",
+    [(True, "inpass"), (True, "gemm"), (True, "auto"), (False, "eager")],
+    ids=["compiled-inpass", "compiled-gemm", "compiled-auto", "eager"],
+)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_engine_equals_heads_trained_alone(dtype, tol, compiled, monkeypatch):
+def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeypatch):
     monkeypatch.setenv("SPL_COMPILE", "1" if compiled else "0")
     X, labels, observed, observed_iu = _data()
     losses = list(LOSSES)
@@ -95,7 +99,10 @@ def test_engine_equals_heads_trained_alone(dtype, tol, compiled, monkeypatch):
         expected_positives=K,
         device="cpu",
         dtype=dtype,
+        update=update,
     ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu)
+    modes = {g.update_mode for g in model.groups_}
+    assert modes == ({update} if update != "auto" else modes) and modes <= set(fused.UPDATE_MODES)
     assert len(model.heads_) == len(losses) * 4
     # PR's group has autograd heads too; the weight update is the compiled one either way.
     assert [g.compiled for g in model.groups_] == [compiled] * 2
