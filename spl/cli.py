@@ -20,10 +20,23 @@ def main() -> None:
 
 
 def _register() -> None:
-    from spl import commands_data, commands_extract, commands_finetune, commands_fit, commands_run
+    from spl import (
+        commands_data,
+        commands_extract,
+        commands_finetune,
+        commands_fit,
+        commands_run,
+        commands_scores,
+    )
 
     main.add_command(commands_data.data)
-    for module in (commands_fit, commands_extract, commands_finetune, commands_run):
+    for module in (
+        commands_fit,
+        commands_extract,
+        commands_scores,
+        commands_finetune,
+        commands_run,
+    ):
         for command in module.COMMANDS:
             main.add_command(command)
 

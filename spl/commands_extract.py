@@ -55,9 +55,16 @@ def extract(ctx: click.Context, dataset: Path | None, list_backbones: bool, **op
 
 
 def _split_weights(weights: str | None) -> tuple[str | None, Path | None]:
-    """``--weights`` names either a weights id or a local file."""
+    """``--weights`` names a weights id, a local file, or ``ID=PATH``: a local file that
+    holds the weights ``ID`` (e.g. ``openai=~/dl/open_clip_model.safetensors``)."""
     if weights is None:
         return None, None
+    declared, sep, rest = weights.partition("=")
+    if sep and declared and "/" not in declared and rest and not Path(weights).is_file():
+        path = Path(rest).expanduser()
+        if not path.is_file():
+            raise SplError(f"weights file {path} not found")
+        return declared, path
     path = Path(weights).expanduser()
     if path.is_file() or "/" in weights or path.suffix in _WEIGHT_FILE_SUFFIXES:
         if not path.is_file():
@@ -80,7 +87,9 @@ def _print_backbones() -> None:
         )
     click.echo(
         "Any backbone also takes --weights PATH (a local state dict, checked by SHA-256 when "
-        "one is known). The feature file's tag is <backbone>-<weights>-<image size>."
+        "one is known), or --weights ID=PATH for a local copy of the weights ID. The feature "
+        "file's tag is <backbone>-<weights>-<image size>, with ':' as '-' (e.g. "
+        "openclip-ViT-B-16-openai-224, timm-resnet50-a1_in1k-224)."
     )
 
 

@@ -1,0 +1,290 @@
+"""The scores file ``ROOT/<name>/scores/<tag>.h5`` (design.md, contract 2b).
+
+A vision-language model's cosine similarity of each image (and of each tile of a g x g
+grid) with each class prompt, per source file of the prepared dataset, in its row order::
+
+    attrs: format, format_version, tag, scorer, weights, weights_sha256, weights_source,
+           prompt, classes, class_names, grid, tiles, image_size, normalize, transform,
+           similarity, compute, num_classes, dtype, dataset_name, dataset_fingerprint,
+           bad_images, versions, created
+    trainval [N1, L]              float32, the whole image
+    test     [N2, L]
+    tiles/trainval [N1, g*g, L]   float32, tile k = row k // g, column k % g (grid > 0 only)
+    tiles/test     [N2, g*g, L]
+    text_features  [L, E]         the prompts' L2-normalised text embeddings (scorer runs)
+    bad/trainval, bad/test        int64 rows whose image could not be read (``--skip-bad``);
+                                  their scores are NaN
+
+Written by ``spl pseudo-labels`` (:mod:`spl.extract.scorer`) or ``spl import-scores``
+(:func:`import_scores`); read by :func:`load_scores`. Turning scores into pseudo-labels
+(softmax with a temperature, thresholds, tile rules) is the losses' business, at training.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spl.data.common import SplError, atomic_path, plain, sha256_file
+from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
+from spl.extract.features import _attr, _split_row, check_tag, library_versions
+
+FORMAT = "spl.scores"
+FORMAT_VERSION = 1
+SIMILARITY = "cosine of the L2-normalised image and prompt embeddings (no logit scale)"
+IMPORTED = "imported"
+
+
+def scores_path(dataset_dir: Path | str, tag: str) -> Path:
+    return Path(dataset_dir) / "scores" / f"{check_tag(tag)}.h5"
+
+
+@dataclass
+class ScoreSet:
+    """The scores of one prepared dataset, in memory. ``tiles`` is None without a grid."""
+
+    path: Path
+    tag: str
+    scores: dict[str, np.ndarray]
+    tiles: dict[str, np.ndarray] | None
+    bad_rows: dict[str, np.ndarray]
+    text_features: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> int:
+        return int(self.attrs.get("grid", 0))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.scores["trainval"].shape[1])
+
+
+def write_scores(
+    path: Path,
+    scores: dict[str, np.ndarray],
+    attrs: dict,
+    *,
+    tiles: dict[str, np.ndarray] | None = None,
+    bad_rows: dict[str, np.ndarray] | None = None,
+    text_features: np.ndarray | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a complete scores file atomically (temporary name, then rename)."""
+    required = {"tag", "scorer", "dataset_fingerprint", "dataset_name", "classes", "grid"}
+    missing = required - set(attrs)
+    if missing:
+        raise ValueError(f"scores attrs lack {sorted(missing)}")
+    classes = {scores[src].shape[1] for src in SOURCES}
+    if len(classes) != 1:
+        raise SplError(f"{path}: trainval and test scores differ in classes ({classes})")
+    grid = int(attrs["grid"])
+    for src in SOURCES:
+        if tiles is None:
+            break
+        expected = (scores[src].shape[0], grid * grid, scores[src].shape[1])
+        if tiles[src].shape != expected:
+            raise SplError(f"{path}: {src} tiles are {tiles[src].shape}, not {expected}")
+    versions = library_versions()
+    if str(attrs.get("scorer", "")).startswith("openclip:"):
+        from spl.extract.libraries import OPENCLIP, module_version
+
+        versions["open_clip"] = module_version(OPENCLIP)
+    with atomic_path(path, force=force, what="scores file") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            for src in SOURCES:
+                h5.create_dataset(src, data=scores[src].astype(np.float32), chunks=True)
+                if tiles is not None:
+                    h5.create_dataset(
+                        f"tiles/{src}", data=tiles[src].astype(np.float32), chunks=True
+                    )
+                rows = np.asarray((bad_rows or {}).get(src, []), dtype=np.int64)
+                h5.create_dataset(f"bad/{src}", data=rows)
+            if text_features is not None:
+                h5.create_dataset("text_features", data=text_features.astype(np.float32))
+            h5.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "num_classes": int(classes.pop()),
+                    "dtype": "float32",
+                    "similarity": SIMILARITY,
+                    "bad_images": int(sum(len(v) for v in (bad_rows or {}).values())),
+                    "versions": json.dumps(versions),
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    **{k: _attr(v) for k, v in attrs.items()},
+                }
+            )
+    return path
+
+
+def read_scores_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as h5:
+        return {k: plain(v) for k, v in h5.attrs.items()}
+
+
+def load_scores(prepared: PreparedDataset, tag: str, *, check_finite: bool = True) -> ScoreSet:
+    """Read a scores file and check it belongs to ``prepared`` (fingerprint, rows, classes);
+    scores are finite except on the rows recorded as bad."""
+    dataset_dir = prepared.path.parent
+    path = scores_path(dataset_dir, tag)
+    rebuild = f"spl pseudo-labels {dataset_dir} --scorer ... (or spl import-scores)"
+    if not path.is_file():
+        available = sorted(p.stem for p in (dataset_dir / "scores").glob("*.h5"))
+        raise SplError(
+            f"{path} not found; scores tags of {prepared.name}: "
+            f"{', '.join(available) or 'none'}. Make it with `{rebuild}`"
+        )
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        raise SplError(
+            f"{path} is not a readable HDF5 file ({exc}); rebuild it: {rebuild}"
+        ) from exc
+    with h5:
+        attrs = {k: plain(v) for k, v in h5.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise SplError(f"{path} is not an spl scores file")
+        if attrs.get("dataset_fingerprint") != prepared.fingerprint:
+            raise SplError(
+                f"{path} was made from another prepared dataset (fingerprint "
+                f"{attrs.get('dataset_fingerprint')} of {attrs.get('dataset_name')!r}; "
+                f"{prepared.path} has {prepared.fingerprint}). Rebuild it: `{rebuild} --force`"
+            )
+        scores = {src: h5[src][()] for src in SOURCES}
+        tiles = {src: h5[f"tiles/{src}"][()] for src in SOURCES} if "tiles" in h5 else None
+        bad = {src: h5[f"bad/{src}"][()] for src in SOURCES}
+        text = h5["text_features"][()] if "text_features" in h5 else None
+    for src in SOURCES:
+        expected = (len(prepared.images[src]), prepared.num_classes)
+        if scores[src].shape != expected:
+            raise SplError(
+                f"{path}: {src} scores are {scores[src].shape}; {prepared.path} has {expected} "
+                f"(rows, classes); rebuild it: `{rebuild} --force`"
+            )
+        if check_finite:
+            arrays = [scores[src]] + ([tiles[src]] if tiles is not None else [])
+            finite = np.ones(len(scores[src]), dtype=bool)
+            for array in arrays:
+                finite &= np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            finite[bad[src]] = True  # rows recorded as bad are NaN on purpose
+            if not finite.all():
+                rows = np.nonzero(~finite)[0]
+                named = ", ".join(_split_row(prepared, src, r) for r in rows[:5])
+                raise SplError(
+                    f"{path}: NaN or infinite scores in {len(rows)} {src} rows ({named}); "
+                    f"rebuild it: `{rebuild} --force`"
+                )
+    stored_classes = attrs.get("classes")
+    if stored_classes and json.loads(stored_classes) != list(prepared.classes):
+        raise SplError(f"{path}: its classes differ from {prepared.path}'s; rebuild it")
+    return ScoreSet(path, tag, scores, tiles, bad, text, attrs)
+
+
+# --- spl import-scores -------------------------------------------------------------------
+
+
+def import_scores(
+    dataset_dir: Path | str,
+    *,
+    train: Path,
+    test: Path,
+    train_tiles: Path | None = None,
+    test_tiles: Path | None = None,
+    tag: str = IMPORTED,
+    force: bool = False,
+) -> Path:
+    """Write ``scores/<tag>.h5`` from scores computed elsewhere: ``train`` ``[N1, L]`` for
+    the prepared dataset's ``trainval`` rows (train and val splits), ``test`` ``[N2, L]``,
+    in its row order; optionally their tiles ``[N, g*g, L]``. Shapes are checked against
+    the dataset; NaN or infinite values are refused, naming the file and row."""
+    check_tag(tag)
+    prepared = load_prepared(dataset_dir)
+    if (train_tiles is None) != (test_tiles is None):
+        raise SplError("give tiles for both files (--train-tiles and --test-tiles) or neither")
+    final = scores_path(prepared.path.parent, tag)
+    if final.exists() and not force:
+        raise SplError(f"{final} already exists; pass --force to replace this scores file")
+    files = {"trainval": Path(train), "test": Path(test)}
+    tile_files = {"trainval": Path(train_tiles), "test": Path(test_tiles)} if train_tiles else {}
+    scores, tiles, grids = {}, {}, set()
+    for src in SOURCES:
+        rows, classes = len(prepared.images[src]), prepared.num_classes
+        scores[src] = _load_scores_array(files[src], (rows, classes), prepared, src)
+        if tile_files:
+            array = _load_scores_array(tile_files[src], (rows, None, classes), prepared, src)
+            grid = int(round(np.sqrt(array.shape[1])))
+            if grid < 1 or grid * grid != array.shape[1]:
+                raise SplError(
+                    f"{tile_files[src]}: {array.shape[1]} tiles per image is not a square "
+                    "grid (g*g tiles, row by row)"
+                )
+            tiles[src], grids = array, grids | {grid}
+    if len(grids) > 1:
+        raise SplError(f"{tile_files['trainval']} and {tile_files['test']} differ in tiles")
+    sources = {
+        src: {"file": str(path), "sha256": sha256_file(path)}
+        for src, path in [*files.items(), *((f"tiles/{s}", p) for s, p in tile_files.items())]
+    }
+    attrs = {
+        "tag": tag,
+        "scorer": IMPORTED,
+        "weights": "",
+        "weights_sha256": "",
+        "weights_source": "",
+        "prompt": "",
+        "classes": list(prepared.classes),
+        "class_names": list(prepared.classes),
+        "grid": grids.pop() if grids else 0,
+        "image_size": 0,
+        "normalize": "",
+        "imported_from": sources,
+        "dataset_name": prepared.name,
+        "dataset_fingerprint": prepared.fingerprint,
+    }
+    return write_scores(final, scores, attrs, tiles=tiles or None, force=force)
+
+
+def _load_scores_array(
+    path: Path, shape: tuple, prepared: PreparedDataset, source: str
+) -> np.ndarray:
+    """A .npy of scores with the expected ``shape`` (None: any size), finite, as float32."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SplError(f"{path}: cannot read it as a .npy array ({exc})") from exc
+    what = "[rows, classes]" if len(shape) == 2 else "[rows, tiles, classes]"
+    names = {"trainval": "the trainval file (train and val splits)", "test": "the test file"}
+    if array.ndim != len(shape):
+        raise SplError(f"{path}: scores must be a {len(shape)}-d {what} array, got {array.shape}")
+    if array.shape[0] != shape[0]:
+        raise SplError(
+            f"{path} holds {array.shape[0]} rows; {prepared.path} has {shape[0]} in "
+            f"{names[source]}, in whose row order the scores go"
+        )
+    if array.shape[-1] != shape[-1]:
+        raise SplError(
+            f"{path} holds scores for {array.shape[-1]} classes; {prepared.path} has "
+            f"{shape[-1]} ({', '.join(prepared.classes[:5])}{', ...' if shape[-1] > 5 else ''})"
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise SplError(f"{path}: scores must be numbers, got {array.dtype}")
+    finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if not finite.all():
+        rows = np.nonzero(~finite)[0]
+        listed = ", ".join(_file_row(prepared, source, r) for r in rows[:3])
+        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        raise SplError(f"{path}: NaN or infinite scores in {listed}{more}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _file_row(prepared: PreparedDataset, source: str, row: int) -> str:
+    """'row 17 (val split row 3)': the row of the user's file, and the split it falls in."""
+    if source == "test":
+        return f"row {row}"
+    return f"row {row} ({_split_row(prepared, source, row).split(' (')[0]})"
