@@ -672,6 +672,8 @@ class StackedHeads:
         num_classes = observed.shape[1]
         context = Context(num_classes, self.expected_positives, self.dataset)
         self.losses_ = make_losses(self.losses, self.loss_options, context)
+        for loss in self.losses_.values():
+            loss.check_epochs(self.epochs)
         observed_sets = {loss.trains_on: observed for loss in self.losses_.values()}
         needs_negatives = [k for k, v in self.losses_.items() if v.trains_on == WITH_NEGATIVES]
         if needs_negatives:
@@ -841,6 +843,7 @@ class StackedHeads:
         )  # fmt: skip
         if group.compiled:
             logits, per_head, grad, state_grads = fused.run(batch_gradients, *args)
+            group.compiled = not fused.broken()  # a failed compilation: eager from here on
         else:
             logits, per_head, grad, state_grads = batch_gradients(*args)
         for slot in group.custom_slots:

@@ -26,6 +26,7 @@ from spl.data.runtime import stream_seed
 from spl.evaluate.metrics import mean_average_precision
 from spl.evaluate.scoring import head_scores, recovery_map
 from spl.fit.losses import Batch, Loss
+from spl.fit.recipes import PAPER_RECIPE, Recipe
 
 
 class Classifier(nn.Module):
@@ -65,15 +66,36 @@ class Trainable(nn.Module):
         return self.classifier(images), self.loss.batch_state(self.state(), index)
 
 
-def make_optimizer(trainable: Trainable, lr: float) -> torch.optim.Adam:
-    """One Adam over the network (lr) and the loss's trainable state (lr x its multiplier).
+def make_optimizer(
+    trainable: Trainable, lr: float, recipe: Recipe | None = None
+) -> torch.optim.Optimizer:
+    """The optimiser over the network and the loss's trainable state (lr x its multiplier).
 
-    Adam on the state is dense (the reference's): rows keep moving between their batches.
+    The paper's: one Adam at one lr, no weight decay. A method's recipe may give the head
+    its own lr multiplier, weight decay (on weights; not on biases and norms unless the
+    recipe decays everything) and SGD with momentum. Adam on the loss's state is dense (the
+    reference's): rows keep moving between their batches.
     """
+    recipe = recipe or PAPER_RECIPE
     network = [p for p in trainable.classifier.parameters() if p.requires_grad]
-    groups = [{"params": network, "lr": lr}]
+    if recipe.head_lr_multiplier == 1 and not recipe.weight_decay:
+        groups = [{"params": network, "lr": lr}]
+    else:
+        head = {id(p) for p in trainable.classifier.head.parameters()}
+        groups = []
+        for in_head, multiplier in ((False, 1.0), (True, recipe.head_lr_multiplier)):
+            params = [p for p in network if (id(p) in head) == in_head]
+            decayed = [p for p in params if recipe.decay_all or p.dim() > 1]
+            plain = [p for p in params if not (recipe.decay_all or p.dim() > 1)]
+            for chosen, decay in ((decayed, recipe.weight_decay), (plain, 0.0)):
+                if chosen:
+                    groups.append({"params": chosen, "lr": lr * multiplier, "weight_decay": decay})
     for name, param in trainable.estimator.items():
-        groups.append({"params": [param], "lr": lr * trainable.loss.lr_multiplier(name)})
+        groups.append(
+            {"params": [param], "lr": lr * trainable.loss.lr_multiplier(name), "weight_decay": 0.0}
+        )
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=0.0)
     return torch.optim.Adam(
         groups, betas=protocol.ADAM_BETAS, eps=protocol.ADAM_EPS, weight_decay=0.0
     )
@@ -188,6 +210,7 @@ class FineTuner:
         channels_last: bool = False,
         freeze_batchnorm: bool = False,
         sync_batchnorm: bool = False,
+        recipe: Recipe | None = None,
     ) -> None:
         self.loss = loss
         self.lr = lr
@@ -198,6 +221,7 @@ class FineTuner:
         self.channels_last = channels_last
         self.freeze_batchnorm = freeze_batchnorm
         self.sync_batchnorm = sync_batchnorm
+        self.recipe = recipe
 
     def fit(
         self,
@@ -235,13 +259,24 @@ class FineTuner:
         if self.sync_batchnorm and procs.world > 1:
             trainable = nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
         self.model_ = trainable
-        optimizer = make_optimizer(trainable, self.lr)
+        recipe = self.recipe or PAPER_RECIPE
+        optimizer = make_optimizer(trainable, self.lr, recipe)
         self.optimizer_ = optimizer
+        self.scheduler_ = None
+        if recipe.schedule == "onecycle":
+            steps = len(data.datasets["train"]) // self.batch_size
+            self.scheduler_ = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                total_steps=(recipe.schedule_epochs or self.epochs) * steps,
+                pct_start=recipe.pct_start,
+            )  # fmt: skip
         progress = {"epoch": 0, "best_val": -1.0, "best_epoch": 0}
         self.best_state_ = None
         if checkpoint is not None:
             trainable.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scheduler_ is not None:
+                self.scheduler_.load_state_dict(checkpoint["scheduler"])
             progress = dict(checkpoint["state"])
             self.best_state_ = None if best is None else best["model"]
         self.history_: list[dict] = []
@@ -258,7 +293,7 @@ class FineTuner:
             self.history_.append(record)
             if on_epoch is not None:
                 on_epoch(self, record)
-        while progress["epoch"] < self.epochs:
+        while progress["epoch"] < self.epochs and not progress.get("stopped"):
             epoch = progress["epoch"] + 1
             torch.manual_seed(stream_seed(self.seed, epoch, "finetune"))  # this epoch's draws
             self.loss.on_epoch_start(
@@ -275,11 +310,15 @@ class FineTuner:
             self._end_epoch(trainable, data, epoch)
             val_map = split_map(self._logits(data, "val"), val_labels)
             improved = val_map > progress["best_val"]
+            history = [*progress.get("val_history", []), val_map]
             progress = {
                 "epoch": epoch,
                 "best_val": max(val_map, progress["best_val"]),
                 "best_epoch": epoch if improved else progress["best_epoch"],
             }
+            if recipe is not PAPER_RECIPE:  # the paper trains every epoch
+                progress["val_history"] = history
+                progress["stopped"] = recipe.early_stop.stop(history)
             if improved:
                 self.best_state_ = _copy_state(trainable)
             self.progress_ = progress
@@ -297,11 +336,14 @@ class FineTuner:
 
     def checkpoint(self) -> dict:
         """What resumes training after the last finished epoch (tensors and plain values)."""
-        return {
+        saved = {
             "model": self.model_.state_dict(),
             "optimizer": self.optimizer_.state_dict(),
             "state": dict(self.progress_),
         }
+        if self.scheduler_ is not None:
+            saved["scheduler"] = self.scheduler_.state_dict()
+        return saved
 
     # ------------------------------------------------------------------ internals
 
@@ -342,6 +384,8 @@ class FineTuner:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if self.scheduler_ is not None:
+                self.scheduler_.step()
             if hooked:
                 self.loss.after_step(
                     self.model_.state(), rows=index, logits=logits.detach().float()[None],

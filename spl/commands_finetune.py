@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from spl.clitools import check_resume, config_option, settings_from_cli
+from spl.clitools import check_resume, config_option, explicit_options, settings_from_cli
 from spl.data.common import SplError
 from spl.settings import FinetuneSettings, PredictSettings, click_options
 
@@ -41,6 +41,13 @@ def finetune(ctx: click.Context, dataset: Path | None, **options) -> None:
     else:
         if dataset is None or settings.loss is None:
             raise SplError("give DATASET and --loss (or --resume RUN_DIR)")
+        fixed = sorted(explicit_options(ctx) & {"lrs", "batch_sizes", "epochs"})
+        if settings.recipe == "source" and fixed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+            raise SplError(
+                f"--recipe source uses the release's own lr, batch size and epochs: drop {flags} "
+                "(or use --recipe paper for the paper's grid)"
+            )
         weights = settings.weights
         if weights is not None and Path(weights).is_file():  # a local state dict
             settings.weights, settings.weights_path = None, str(Path(weights).resolve())

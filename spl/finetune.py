@@ -27,14 +27,16 @@ from spl.extract.backbones import BackboneSpec, backbone_tag, get_backbone
 from spl.extract.features import unreadable_rows
 from spl.fit.finetune import Classifier, FineTuner
 from spl.fit.losses import LOSSES, WITH_NEGATIVES, Loss
-from spl.linear import check_negatives, loss_context
+from spl.fit.recipes import Recipe, source_recipe
+from spl.linear import check_negatives, loss_context, resolve_losses
 from spl.runs import LinearHead, LinearRun, Run, read_jsonl
 from spl.settings import FinetuneSettings
 
 RESULT_COLUMNS = [
     "config", "loss", "lr", "batch_size", "seed", "best_epoch", "val_map", "test_map",
     "test_map_paper_metric", "estimator_recovery_map", "test_p_at_1", "test_r_at_1",
-    "test_p_at_3", "test_r_at_3", "init", "images_per_second", "data_wait_fraction",
+    "test_p_at_3", "test_r_at_3", "init", "recipe", "epochs_trained", "images_per_second",
+    "data_wait_fraction",
 ]  # fmt: skip
 
 
@@ -92,11 +94,13 @@ def run_finetune(
 def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
     prepared = load_prepared(dataset_dir)
     context = loss_context(prepared, settings)
-    loss_cls = LOSSES[settings.loss]
-    loss = loss_cls.make(settings.loss_options.get(settings.loss), context)
-    unused = sorted(set(settings.loss_options) - {settings.loss})
-    if unused:
-        raise SplError(f"options given for loss {unused[0]!r}, but this run trains {settings.loss}")
+    recipe = None
+    if settings.recipe == "source":
+        recipe = source_recipe(settings.loss, prepared.name)
+        settings = dataclasses.replace(
+            settings, lrs=[recipe.lr], batch_sizes=[recipe.batch_size], epochs=recipe.epochs
+        )
+    loss = resolve_losses(prepared, settings, [settings.loss], settings.epochs)[settings.loss]
     observed = settings.observed_for(loss.trains_on)
     if loss.trains_on == WITH_NEGATIVES:
         check_negatives(prepared, observed, [settings.loss])
@@ -124,6 +128,7 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
             "backbone": dataclasses.asdict(spec),
             "settings": dataclasses.asdict(settings),
             "loss_options": {settings.loss: dataclasses.asdict(loss.options)},
+            "recipe": None if recipe is None else dataclasses.asdict(recipe),
             "expected_positives": context.expected_positives,
             "excluded_bad_rows": {
                 split: len(prepared.rows(split)[1]) - len(rows) for split, rows in data.rows.items()
@@ -164,6 +169,7 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
 def _train_config(
     run: Run, data: ImageSplits, settings: FinetuneSettings, loss: Loss, prepared, spec,
     lr: float, bs: int, seed: int, init: LinearHead | None, progress: bool, log,
+    recipe: Recipe | None = None,
 ) -> dict:  # fmt: skip
     name = config_name(lr, bs, seed)
     folder = run.path / name
@@ -236,6 +242,7 @@ def _train_config(
         loss, lr=lr, batch_size=bs, epochs=settings.epochs, seed=seed,
         amp=settings.amp and cuda, channels_last=settings.channels_last and cuda,
         freeze_batchnorm=settings.batchnorm == "frozen", sync_batchnorm=settings.sync_bn,
+        recipe=recipe,
     )  # fmt: skip
     if progress and run.writes and checkpoint is None and init is None:
         from tqdm import tqdm
@@ -258,6 +265,7 @@ def _train_config(
         "config": name, "loss": settings.loss, "lr": lr, "batch_size": bs, "seed": seed,
         "best_epoch": tuner.best_epoch_, "val_map": tuner.best_val_map_, **tuner.scores_,
         "init": f"linear:{init.name}" if init is not None else "imagenet",
+        "recipe": settings.recipe, "epochs_trained": tuner.progress_["epoch"],
         "images_per_second": _mean([h.get("images_per_second") for h in history]),
         "data_wait_fraction": _mean([h.get("data_wait_fraction") for h in history]),
     }  # fmt: skip

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spl.data import protocol
 from spl.data.common import SplError
 from spl.data.prepared import PreparedDataset, load_prepared
 from spl.data.runtime import resolve_device
@@ -22,7 +23,7 @@ from spl.evaluate import paper, report
 from spl.extract.features import load_features, unreadable_rows
 from spl.fit import fused
 from spl.fit.engine import StackedHeads
-from spl.fit.losses import LOSSES, SINGLE_POSITIVE, WITH_NEGATIVES, Context, make_losses
+from spl.fit.losses import LOSSES, SINGLE_POSITIVE, WITH_NEGATIVES, Context, Loss, make_losses
 from spl.runs import CHECKPOINT, Run
 from spl.settings import LinearSettings
 
@@ -97,6 +98,26 @@ def check_negatives(prepared: PreparedDataset, name: str, losses: list[str]) -> 
         )
 
 
+def resolve_losses(
+    prepared: PreparedDataset, settings, keys: list[str], epochs: int
+) -> dict[str, Loss]:
+    """The run's loss objects, with their options resolved against the dataset and checked
+    before a run exists: option values, schedules that must fit in ``epochs``, and losses
+    that assume single positives against observed sets with negatives."""
+    losses = make_losses(keys, settings.loss_options, loss_context(prepared, settings))
+    for key, loss in losses.items():
+        loss.check_epochs(epochs)
+        name = settings.observed_for(loss.trains_on)
+        negatives = prepared.observed_params.get(name, {}).get("num_neg", 0)
+        if loss.single_positive_only and negatives:
+            raise SplError(
+                f"{key} assumes single positives (no observed negatives), but the observed set "
+                f"{name!r} has {negatives if negatives != -1 else 'all'} negatives per image; "
+                f"pass --observed with a set drawn with --num-neg 0 (e.g. {protocol.OBSERVED})"
+            )
+    return losses
+
+
 def loss_context(prepared: PreparedDataset, settings) -> Context:
     k = settings.expected_positives
     return Context(
@@ -119,7 +140,7 @@ def run_linear(
     """Train the sweep and write the run directory; returns its path."""
     prepared = load_prepared(dataset_dir)
     context = loss_context(prepared, settings)
-    losses = make_losses(settings.losses, settings.loss_options, context)  # options checked
+    losses = resolve_losses(prepared, settings, settings.losses, settings.epochs)
     trains_on = {SINGLE_POSITIVE} | {loss.trains_on for loss in losses.values()}
     data = split_data(prepared, tag, settings, trains_on)
     fused.setting()  # a bad SPL_COMPILE fails here, before a run directory exists

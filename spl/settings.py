@@ -345,8 +345,8 @@ class FinetuneSettings(GridSettings):
     """``spl finetune``: one loss over the paper's grid, end to end; the paper's defaults."""
 
     cli_order: ClassVar[tuple[str, ...]] = (
-        "loss", "init_from", "backbone", "weights", "image_size", "lrs", "batch_sizes",
-        "epochs", "seeds",
+        "loss", "recipe", "init_from", "backbone", "weights", "image_size", "lrs",
+        "batch_sizes", "epochs", "seeds",
     )  # fmt: skip
 
     loss: str | None = setting(None, parse=_loss, help="The loss to fine-tune with.")
@@ -373,6 +373,13 @@ class FinetuneSettings(GridSettings):
         False, help="Decode and resize every image once into DATASET/cache/ (3*s^2 bytes each)."
     )
     sync_bn: bool = setting(False, help="Synchronise BatchNorm across processes.")
+    recipe: str = setting(
+        "paper",
+        choices=("paper", "source"),
+        help="paper: the paper's grid and protocol. source: the loss's own published recipe "
+        "for the dataset (one configuration: its optimiser, lr, head lr multiplier, batch "
+        "size, epochs, schedule and early stop; see docs/recipes.md).",
+    )
     batchnorm: str = setting(
         "train",
         choices=("train", "frozen"),
@@ -632,11 +639,14 @@ class PrepareSettings(DrawSettings):
 class ExtractSettings:
     """``spl extract``: backbone, weights, image size and how the work runs."""
 
-    backbone: str = setting(protocol.BACKBONE, help="See --list-backbones.")
+    backbone: str = setting(
+        protocol.BACKBONE, help="See --list-backbones; also openclip:ARCH and timm:NAME."
+    )
     weights: str | None = setting(
         None,
-        help="Weights id (e.g. IMAGENET1K_V1, DEFAULT, random) or PATH to a local state dict "
-        "[default: the backbone's; resnet50: IMAGENET1K_V1, the paper's].",
+        help="Weights id (e.g. IMAGENET1K_V1, DEFAULT, random), PATH to a local state dict, or "
+        "ID=PATH for a local copy of the weights ID [default: the backbone's; resnet50: "
+        "IMAGENET1K_V1, the paper's].",
     )
     sha256: str | None = setting(
         None, help="Expected SHA-256 (or its first hex digits) of --weights PATH."

@@ -38,13 +38,41 @@ def synthetic(n=120, d=16, num_classes=5, seed=0):
     return X.astype(np.float32), labels
 
 
+OPTIONS = {"em_apl": {"warmup": 1}}  # APL labels after every epoch of the short runs here
+
+
+def apl_update(targets, scores, observed, counts, remaining):
+    """EM + APL's labelling, written out (methods.md section 2): per class the
+    int(0.9 U_i / (E - W)) lowest-scored entries still unlabelled get target = score."""
+    for cls in range(targets.shape[1]):
+        n = int(0.9 * int(counts[cls]) / remaining)
+        free = [
+            r for r in range(targets.shape[0])
+            if observed[r, cls] == 0 and (math.isnan(targets[r, cls]) or targets[r, cls] == 0)
+        ]  # fmt: skip
+        free.sort(key=lambda r: float(scores[r, cls]))  # stable: ties keep row order
+        for r in free[:n]:
+            targets[r, cls] = scores[r, cls]
+
+
+def ll_cp_flips(logits, observed, flipped, rows, delta):
+    """LL-Cp's permanent corrections, written out (methods.md section 3): after the step,
+    the unobserved entries whose loss is above the batch's k-th largest (strictly)."""
+    effective = torch.where(flipped[rows], torch.ones_like(observed[rows]), observed[rows])
+    losses = torch.nn.functional.softplus(logits) - effective.clamp(min=0) * logits  # BCE
+    ranked = (effective == 0).double() * losses
+    k = math.ceil(ranked.numel() * delta)
+    threshold = torch.sort(ranked.flatten(), descending=True).values[k - 1]
+    flipped[rows] |= ranked > threshold
+
+
 def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
     """One head alone: nn.Linear, torch.optim.Adam (default settings), the same batches; the
     paper's constants written out here (ROLE's estimator at 10 x lr, a pseudo-negative
-    fraction of 0.5)."""
+    fraction of 0.5), and the state updates of EM + APL and LL-Cp."""
     X = torch.tensor(X, dtype=torch.float64)
     num_classes = observed.shape[1]
-    loss = get_loss(key).make(context=Context(num_classes, K))
+    loss = get_loss(key).make(OPTIONS.get(key), Context(num_classes, K))
     head = torch.nn.Linear(X.shape[1], num_classes).double()
     weight, bias = initial_head(X.shape[1], num_classes, seed)
     with torch.no_grad():
@@ -60,16 +88,27 @@ def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
     negatives = loss.trains_on == WITH_NEGATIVES
     obs = torch.tensor(observed_iu if negatives else observed, dtype=torch.float64)
     full = torch.tensor(labels, dtype=torch.float64)
+    targets = torch.full(obs.shape, math.nan, dtype=torch.float64)  # EM + APL
+    counts = (obs == 0).sum(0)
+    flipped = torch.zeros(obs.shape, dtype=torch.bool)  # LL-Cp
     for epoch in range(epochs):
         eta = pseudo_negative_mask(tuple(obs.shape), 0.5, seed, epoch + 1)
         for rows in epoch_batches(len(X), bs, seed, epoch):
-            state = {"pseudo_negatives": eta.double()[rows]}
+            state = {"pseudo_negatives": eta.double()[rows], "pseudo_targets": targets[rows],
+                     "flipped": flipped[rows]}  # fmt: skip
             if theta is not None:
                 state["estimates"] = theta[rows]
             batch = Batch(obs[rows], full[rows], epoch + 1, epochs, state)
             optimizer.zero_grad()
-            loss.batch_loss(head(X[rows]), batch).backward()
+            logits = head(X[rows])
+            loss.batch_loss(logits, batch).backward()
             optimizer.step()
+            if key == "ll_cp" and epoch >= 1:
+                ll_cp_flips(logits.detach(), obs, flipped, rows, 0.1 / 100)
+        if key == "em_apl":
+            with torch.no_grad():
+                scores = torch.sigmoid(head(X))
+            apl_update(targets, scores, obs, counts, epochs - 1)
     return head.weight.detach(), head.bias.detach(), theta
 
 
@@ -97,6 +136,7 @@ def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeyp
         seeds=[3],
         epochs=3,
         expected_positives=K,
+        loss_options=OPTIONS,
         device="cpu",
         dtype=dtype,
         update=update,

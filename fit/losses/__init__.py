@@ -34,8 +34,11 @@ from spl.fit.losses.base import (
     log_pos,
 )
 from spl.fit.losses.baselines import BCE, BCELS, IU, IUN
+from spl.fit.losses.entropy import EM, EMAPL, apl_label
 from spl.fit.losses.expected_positives import EPR
+from spl.fit.losses.large_loss import LLR, LLCp, LLCt, clean_rate
 from spl.fit.losses.ranking import PR
+from spl.fit.losses.robust import ASL, GR, SPLC, Hill, gr_schedule
 from spl.fit.losses.role import ROLE, estimator_from_probabilities, estimator_init
 
 REGISTRY: tuple[type[Loss], ...] = (
@@ -43,15 +46,21 @@ REGISTRY: tuple[type[Loss], ...] = (
     BCE, BCELS, IUN, IU, AN, ANLS, WAN, EPR, ROLE,
     # in the paper's code or method list, not in its tables
     PR, PseudoNegatives,
+    # methods since the paper (methods.md)
+    EM, EMAPL, LLR, LLCt, LLCp, GR, Hill, SPLC, ASL,
 )  # fmt: skip
 LOSSES: dict[str, type[Loss]] = {cls.key: cls for cls in REGISTRY}
 PAPER_LOSSES = [key for key, cls in LOSSES.items() if cls.in_paper]
+SINCE_2021 = ["em", "em_apl", "ll_r", "ll_ct", "ll_cp", "gr", "hill", "splc", "asl"]
 # Names for sets of losses in --losses: each expands to its keys.
-GROUPS: dict[str, list[str]] = {"paper": PAPER_LOSSES, "all": list(LOSSES)}
+GROUPS: dict[str, list[str]] = {
+    "paper": PAPER_LOSSES, "since-2021": SINCE_2021, "all": list(LOSSES),
+}  # fmt: skip
 
 __all__ = [
     "LOG_EPSILON", "SINGLE_POSITIVE", "WITH_NEGATIVES", "Batch", "Context", "FusedStep",
-    "Loss", "LOSSES", "PAPER_LOSSES", "GROUPS", "REGISTRY", "describe_options",
+    "Loss", "LOSSES", "PAPER_LOSSES", "SINCE_2021", "GROUPS", "REGISTRY", "describe_options",
+    "apl_label", "clean_rate", "gr_schedule",
     "estimator_from_probabilities", "estimator_init", "expected_positive_penalty", "get_loss",
     "log_neg", "log_pos", "loss", "make_losses", "parse_loss_options", "parse_losses",
     "pseudo_negative_mask",
@@ -145,10 +154,13 @@ def loss(
     """A batch's differentiable loss for users' own training loops.
 
     ``logits [B, L]`` (or ``[..., B, L]`` for stacked heads), ``observed`` in {-1, 0, +1};
-    ``epoch`` is 1-based; ``labels`` the full labels for the losses that read them (BCE,
-    BCE-LS, IUN). Keyword options are the loss's options (``label_smoothing=0.2``,
-    ``expected_positives=2.9``) and the per-batch state it needs (ROLE's ``estimates``, the
-    estimator's logits for the batch rows; pseudo-negative sampling's ``pseudo_negatives``).
+    ``epoch`` is 1-based (``num_epochs`` for losses with schedules: GR); ``labels`` the
+    full labels for the losses that read them (BCE, BCE-LS, IUN). Keyword options are the
+    loss's options (``label_smoothing=0.2``, ``expected_positives=2.9``, ``alpha=0.1``) and
+    the per-batch state it needs (ROLE's ``estimates``, the estimator's logits for the
+    batch rows; pseudo-negative sampling's ``pseudo_negatives``; EM + APL's
+    ``pseudo_targets``, NaN where an entry has no pseudo-label). Per-dataset defaults are
+    VOC's here: pass the option to use another dataset's.
     """
     cls = get_loss(key)
     state = {name: options.pop(name) for name in cls.batch_state_names if name in options}

@@ -138,6 +138,14 @@ class Loss:
     trainable: ClassVar[dict[str, str]] = {}
     # State tensors kept at each head's best epoch (the LinearInit hand-over).
     snapshot: ClassVar[tuple[str, ...]] = ()
+    # Whether the loss assumes single positives (no observed negatives: its release asserts
+    # it); training it on a set with negatives is refused before a run starts.
+    single_positive_only: ClassVar[bool] = False
+    # Methods since the paper: the family's citation, for tables and `spl losses`.
+    source: ClassVar[str] = "Cole et al., CVPR 2021"
+    # Option defaults that depend on the prepared dataset's name (the methods' published
+    # per-dataset settings): {dataset: {option: value}}; other datasets take voc12's.
+    dataset_options: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, options: Any = None, context: Context | None = None) -> None:
         self.context = context or Context()
@@ -147,8 +155,12 @@ class Loss:
 
     @classmethod
     def dataset_defaults(cls, context: Context) -> dict[str, Any]:
-        """Options whose default depends on the dataset (the methods' per-dataset values)."""
-        return {}
+        """Options whose default depends on the dataset (the methods' per-dataset values):
+        the prepared dataset's, or VOC's for a dataset the method has no values for."""
+        if not cls.dataset_options:
+            return {}
+        table = cls.dataset_options
+        return dict(table.get(context.dataset or "voc12", table["voc12"]))
 
     @classmethod
     def resolve(cls, overrides: Mapping[str, Any], context: Context) -> Any:
@@ -166,7 +178,16 @@ class Loss:
     @classmethod
     def make(cls, overrides: Mapping[str, Any] | None = None, context: Context | None = None):
         context = context or Context()
-        return cls(cls.resolve(overrides or {}, context), context)
+        loss = cls(cls.resolve(overrides or {}, context), context)
+        loss.check_options()
+        return loss
+
+    def check_options(self) -> None:
+        """Refuse option values the loss cannot train with (an SplError naming the option)."""
+
+    def check_epochs(self, num_epochs: int) -> None:
+        """Refuse a run of ``num_epochs`` that the loss's schedule cannot fit (a warm-up at
+        or past the last epoch), before the run starts."""
 
     def expected_positives(self) -> float:
         """k: this loss's ``expected_positives`` option, else the dataset's."""
@@ -301,7 +322,15 @@ def describe_options(loss: type[Loss]) -> str:
     fields = dataclasses.fields(loss.Options)
     if not fields:
         return "none"
-    return ", ".join(f"{f.name} ({_type_name(f)}, default {_default(f)!r})" for f in fields)
+    out = []
+    for f in fields:
+        per_dataset = {d: v[f.name] for d, v in loss.dataset_options.items() if f.name in v}
+        if per_dataset:
+            values = ", ".join(f"{d} {v!r}" for d, v in per_dataset.items())
+            out.append(f"{f.name} ({_type_name(f)}, default per dataset: {values}; others voc12's)")
+        else:
+            out.append(f"{f.name} ({_type_name(f)}, default {_default(f)!r})")
+    return ", ".join(out)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -1,0 +1,230 @@
+"""Robust losses for the unobserved labels.
+
+- GR (Chen et al., IJCAI 2024; methods.md section 4): a generalized robust loss whose
+  weights k and v follow the detached probability, with schedules over the epochs.
+- Hill, SPLC and ASL as packaged in the robust-loss-mlml release (Zhang et al.;
+  methods.md sections 5-7): their sum reductions and defaults as released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from spl.fit.losses.base import Batch, Loss, is_value, log_pos
+
+GR_SOURCE = "Chen et al., IJCAI 2024 (yan4xi1/GRLoss)"
+RL_SOURCE = "Zhang et al., arXiv 2112.07368 (xinyu1205/robust-loss-mlml)"
+LOG_EPSILON_7 = 1e-7  # GR's and AEVLP's log epsilon (Cole's is 1e-5)
+
+
+def gr_schedule(
+    k_schedule: tuple[float, float, float, float],
+    v_schedule: tuple[float, float, float, float],
+    epoch: int,
+    num_epochs: int,
+) -> tuple[float, float, float, float]:
+    """(w, b, mu, sigma) at 1-based ``epoch`` of ``num_epochs``, as the release computes
+    them (linear_init 0): w and b move from the first epoch's value by (epoch - 1)/E and never
+    reach their final value; mu and sigma by epoch/E and reach it: one epoch apart."""
+    w0, w_end, b0, b_end = k_schedule
+    mu0, sigma0, mu_end, sigma_end = v_schedule
+    k_share = max(epoch - 1, 0) / num_epochs
+    v_share = max(epoch, 0) / num_epochs
+    return (
+        w0 + (w_end - w0) * k_share,
+        b0 + (b_end - b0) * k_share,
+        mu0 + (mu_end - mu0) * v_share,
+        sigma0 + (sigma_end - sigma0) * v_share,
+    )
+
+
+def gr_weights(p: torch.Tensor, w: float, b: float, mu: float, sigma: float):
+    """(k, v) of the detached probabilities: k = sigmoid(w p + b), v = exp(-(p - mu)^2 /
+    (2 sigma^2))."""
+    p = p.detach()
+    return torch.sigmoid(w * p + b), torch.exp(-((p - mu) ** 2) / (2 * sigma**2))
+
+
+def gr_terms(p: torch.Tensor, q2: float, q3: float):
+    """The two robust terms (1 - p^q2)/q2 and (1 - (1 - p)^q3)/q3 and their z-derivatives."""
+    up, down = p**q2, (1 - p) ** q3
+    terms = ((1 - up) / q2, (1 - down) / q3)
+    grads = (-up * (1 - p), down * p)
+    return terms, grads
+
+
+class GR(Loss):
+    """Observed positives: -log(p + 1e-7). Unobserved: v [k (1 - p^q2)/q2 + (1 - k)
+    (1 - (1 - p)^q3)/q3] with k, v of the detached p and scheduled parameters. Observed
+    negatives: 0. The mean over B x L."""
+
+    key, title, source = "gr", "GR", GR_SOURCE
+
+    @dataclass(frozen=True)
+    class Options:
+        k_schedule: tuple[float, float, float, float] = (0.0, 2.0, -2.0, -2.0)  # w0, wT, b0, bT
+        v_schedule: tuple[float, float, float, float] = (
+            0.5,
+            2.0,
+            0.8,
+            0.5,
+        )  # mu0, sigma0, muT, sigmaT
+        q: tuple[float, float] = (0.01, 1.0)  # q2, q3
+
+    def _parameters(self, batch: Batch):
+        if batch.num_epochs is None:
+            raise ValueError(f"{self.key} schedules over the epochs: pass num_epochs=...")
+        o = self.options
+        return gr_schedule(o.k_schedule, o.v_schedule, batch.epoch, batch.num_epochs)
+
+    def _parts(self, logits, batch: Batch):
+        p = torch.sigmoid(logits)
+        w, b, mu, sigma = self._parameters(batch)
+        k, v = gr_weights(p, w, b, mu, sigma)
+        (up_term, down_term), (up_grad, down_grad) = gr_terms(p, *self.options.q)
+        pos = is_value(batch.observed, 1, p.dtype)
+        unobserved = is_value(batch.observed, 0, p.dtype)
+        positive = log_pos(p, LOG_EPSILON_7)
+        matrix = pos * positive + unobserved * v * (k * up_term + (1 - k) * down_term)
+        grad = pos * (-p * (1 - p) / (p + LOG_EPSILON_7))
+        grad = grad + unobserved * v * (k * up_grad + (1 - k) * down_grad)
+        return matrix, grad
+
+    def value(self, logits, batch: Batch):
+        matrix, _ = self._parts(logits, batch)
+        return matrix, logits.new_zeros(logits.shape[:-2])
+
+    def logit_gradient(self, logits, batch: Batch):
+        matrix, grad = self._parts(logits, batch)
+        entries = logits.shape[-1] * logits.shape[-2]
+        return matrix.sum((-2, -1)) / entries, grad / entries
+
+
+def _positive_focal(z: torch.Tensor, gamma: float):
+    """((1 - q)^gamma (-log q), its z-derivative) with q = sigmoid(z) (no eps)."""
+    q = torch.sigmoid(z)
+    minus_log = F.softplus(-z)  # -log sigmoid(z), exact where log(sigmoid) would underflow
+    weight = (1 - q) ** gamma
+    return weight * minus_log, -gamma * q * weight * minus_log - (1 - q) ** (gamma + 1)
+
+
+class Hill(Loss):
+    """Hill: observed positives (1 - pm)^gamma (-log pm), pm = sigmoid(z - margin); every
+    other entry (lambda - p) p^2. The sum over B x L, as released."""
+
+    key, title, source = "hill", "Hill", RL_SOURCE
+    reduction = "sum"
+
+    @dataclass(frozen=True)
+    class Options:
+        lamb: float = 1.5
+        margin: float = 1.0
+        gamma: float = 2.0
+
+    def _parts(self, logits, batch: Batch):
+        o = self.options
+        pos = is_value(batch.observed, 1, logits.dtype)
+        positive, d_positive = _positive_focal(logits - o.margin, o.gamma)
+        p = torch.sigmoid(logits)
+        negative = (o.lamb - p) * p**2
+        d_negative = p * (1 - p) * p * (2 * o.lamb - 3 * p)
+        return pos * positive + (1 - pos) * negative, pos * d_positive + (1 - pos) * d_negative
+
+    def value(self, logits, batch: Batch):
+        matrix, _ = self._parts(logits, batch)
+        return matrix, logits.new_zeros(logits.shape[:-2])
+
+    def logit_gradient(self, logits, batch: Batch):
+        matrix, grad = self._parts(logits, batch)
+        return matrix.sum((-2, -1)), grad
+
+
+class SPLC(Loss):
+    """Self-paced loss correction: a focal loss with a margin on the observed positives;
+    from ``change_epoch`` (1-based; the release's 0-based epoch 1) every entry whose
+    probability passes tau is trained as positive, recomputed each batch. The margin is not
+    applied to corrected entries. The sum over B x L."""
+
+    key, title, source = "splc", "SPLC", RL_SOURCE
+    reduction = "sum"
+
+    @dataclass(frozen=True)
+    class Options:
+        tau: float = 0.6
+        change_epoch: int = 2
+        margin: float = 1.0
+        gamma: float = 2.0
+
+    def _parts(self, logits, batch: Batch):
+        o = self.options
+        pos = is_value(batch.observed, 1, logits.dtype)
+        shifted = logits - o.margin * pos  # margin on the observed positives only
+        target = pos
+        if batch.epoch >= o.change_epoch:
+            corrected = (torch.sigmoid(shifted) > o.tau).to(logits.dtype)
+            target = torch.maximum(pos, corrected.detach())
+        positive, d_positive = _positive_focal(shifted, o.gamma)
+        q = torch.sigmoid(shifted)
+        minus_log_negative = F.softplus(shifted)  # -log(1 - q)
+        weight = q**o.gamma
+        negative = weight * minus_log_negative
+        d_negative = o.gamma * weight * (1 - q) * minus_log_negative + q ** (o.gamma + 1)
+        matrix = target * positive + (1 - target) * negative
+        return matrix, target * d_positive + (1 - target) * d_negative
+
+    def value(self, logits, batch: Batch):
+        matrix, _ = self._parts(logits, batch)
+        return matrix, logits.new_zeros(logits.shape[:-2])
+
+    def logit_gradient(self, logits, batch: Batch):
+        matrix, grad = self._parts(logits, batch)
+        return matrix.sum((-2, -1)), grad
+
+
+class ASL(Loss):
+    """Asymmetric loss as the release packages it for --loss Asl: gamma- 4, gamma+ 0,
+    clip 0.05, log clamped at 1e-8, focusing weights detached (AsymmetricLoss's default);
+    minus the sum over B x L. Every entry but the observed positives is a negative."""
+
+    key, title, source = "asl", "ASL", RL_SOURCE
+    reduction = "sum"
+
+    @dataclass(frozen=True)
+    class Options:
+        gamma_neg: float = 4.0
+        gamma_pos: float = 0.0  # --loss Asl; the class's own default is 1 (methods.md s7)
+        clip: float = 0.05
+
+    def _parts(self, logits, batch: Batch):
+        o = self.options
+        eps = 1e-8
+        y = is_value(batch.observed, 1, logits.dtype)
+        p = torch.sigmoid(logits)
+        negative_p = 1 - p
+        if o.clip > 0:
+            negative_p = (negative_p + o.clip).clamp(max=1)
+        log_positive = torch.log(p.clamp(min=eps))
+        log_negative = torch.log(negative_p.clamp(min=eps))
+        pt = p * y + negative_p * (1 - y)
+        gamma = o.gamma_pos * y + o.gamma_neg * (1 - y)
+        weight = torch.pow(1 - pt, gamma).detach()
+        matrix = -weight * (y * log_positive + (1 - y) * log_negative)
+        s = p * (1 - p)
+        d_positive = (1 - p) * (p > eps).to(p.dtype)  # d/dz log(max(p, eps))
+        open_negative = (
+            ((1 - p + o.clip) < 1) if o.clip > 0 else torch.ones_like(p, dtype=torch.bool)
+        )
+        d_negative = -s / negative_p * (open_negative & (negative_p > eps)).to(p.dtype)
+        grad = -weight * (y * d_positive + (1 - y) * d_negative)
+        return matrix, grad
+
+    def value(self, logits, batch: Batch):
+        matrix, _ = self._parts(logits, batch)
+        return matrix, logits.new_zeros(logits.shape[:-2])
+
+    def logit_gradient(self, logits, batch: Batch):
+        matrix, grad = self._parts(logits, batch)
+        return matrix.sum((-2, -1)), grad
