@@ -114,12 +114,15 @@ class _Slot:
 
 def gradient_route(loss: type[Loss]) -> str:
     """How the engine gets a loss's gradient: ``weights`` (label-only weights, tabled per
-    epoch), ``fused`` (state-derived weights in the compiled step), ``closed_form`` (the
-    loss's own logit gradient) or ``autograd`` (on its value)."""
+    epoch), ``fused`` (state-derived weights in the compiled step), ``kernel`` (the loss's
+    closed form as a pure function, in the compiled step), ``closed_form`` (the loss's own
+    logit gradient, eagerly) or ``autograd`` (on its value)."""
     if loss.fused_step is not Loss.fused_step:
         return "fused"
     if loss.weights is not Loss.weights:
         return "weights"
+    if loss.kernel is not Loss.kernel:
+        return "kernel"
     if loss.logit_gradient is not Loss.logit_gradient:
         return "closed_form"
     return "autograd"
@@ -192,6 +195,7 @@ class _Group:
             )
             for s in self.fused_slots
         ]  # fmt: skip
+        self.kernel_slots = [s for s in self.slots.values() if s.route == "kernel"]
         self.custom_slots = [s for s in self.slots.values() if s.route in ("closed_form", "autograd")]  # fmt: skip
         self.hooked_slots = [s for s in self.slots.values() if _overrides(s.loss, "after_step")]
         reg = [float(losses[h.loss].regulariser_weight) for h in self.heads]
@@ -480,6 +484,7 @@ def batch_gradients(
     reg_weight: torch.Tensor,
     reg_target: torch.Tensor,
     num_classes: int,
+    kernel_parts: tuple = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
     """Logits, per-head losses and closed-form logit gradients of one batch for a group.
 
@@ -520,6 +525,10 @@ def batch_gradients(
     grad = grad + (reg_weight * 2 * (count - reg_target) / (num_classes**2 * batch))[:, None] * s
     for (_, index, _, _, _), step in zip(fused_parts, steps, strict=True):
         per_head = per_head.index_add(0, index, step.extra_loss)
+    for kernel, index, args in kernel_parts:
+        loss, part = kernel(logits.index_select(1, index).transpose(0, 1), *args)
+        grad.index_copy_(1, index, part.transpose(0, 1))
+        per_head = per_head.index_copy(0, index, loss.to(per_head.dtype))
     return logits, per_head, grad, tuple(step.state_grads for step in steps)
 
 
@@ -724,12 +733,21 @@ class StackedHeads:
             group.load_state_dict(group_state)
         self.history_ = list(state["history"])
 
-    def _batch(self, slot: _Slot, rows: torch.Tensor | None, epoch: int) -> Batch:
-        """What ``slot``'s loss sees of the batch ``rows`` (None: every training row)."""
+    def _batch(
+        self, slot: _Slot, rows: torch.Tensor | None, epoch: int, cache: dict | None = None
+    ) -> Batch:
+        """What ``slot``'s loss sees of the batch ``rows`` (None: every training row);
+        ``cache`` shares the batch's rows of the label matrices between the losses of a step."""
         data = self._data
-        observed, labels = data["observed"][slot.loss.trains_on], data["labels"]
-        if rows is not None:
-            observed, labels = observed.index_select(0, rows), labels.index_select(0, rows)
+        kind = slot.loss.trains_on
+        if cache is not None and kind in cache:
+            observed, labels = cache[kind]
+        else:
+            observed, labels = data["observed"][kind], data["labels"]
+            if rows is not None:
+                observed, labels = observed.index_select(0, rows), labels.index_select(0, rows)
+            if cache is not None:
+                cache[kind] = (observed, labels)
         return Batch(observed, labels, epoch, self.epochs, slot.loss.batch_state(slot.state, rows))
 
     def _epoch_tables(self, group: _Group, epoch: int) -> None:
@@ -837,9 +855,15 @@ class StackedHeads:
              tuple(t.index_select(1, rows) for t in state), k)
             for step, index, kind, state, k in group.fused_parts
         )  # fmt: skip
+        rows_cache: dict = {}
+        kernel_parts = tuple(
+            (type(slot.loss).kernel, slot.index,
+             slot.loss.kernel_args(self._batch(slot, rows, epoch, rows_cache)))
+            for slot in group.kernel_slots
+        )  # fmt: skip
         args = (
             x, group.weight_t, tables, group.weighted_index, fused_parts, group.reg_weight,
-            group.reg_target, group.num_classes,
+            group.reg_target, group.num_classes, kernel_parts,
         )  # fmt: skip
         if group.compiled:
             logits, per_head, grad, state_grads = fused.run(batch_gradients, *args)

@@ -63,7 +63,7 @@ def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
                 (theta,) = grads  # ROLE: theta, whose batch rows are the estimates
                 estimates = batch.state[slot.loss.batch_state_names[0]]
                 torch.testing.assert_close(theta, estimates.grad, rtol=1e-9, atol=1e-12)
-    assert routes == {"weights", "fused", "autograd", "closed_form"}
+    assert routes == {"weights", "fused", "autograd", "kernel"}
 
 
 def test_per_loss_options_reach_the_engine_and_are_recorded(tmp_path, runner):

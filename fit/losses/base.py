@@ -235,8 +235,23 @@ class Loss:
         self, logits: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(batch loss ``[...]``, d loss / d logits ``[..., B, L]``) in closed form, or None:
-        the engine then differentiates :meth:`value` with autograd."""
-        return None
+        the engine then differentiates :meth:`value` with autograd. A loss with a
+        :meth:`kernel` gets this from it."""
+        if type(self).kernel is Loss.kernel:
+            return None
+        return self.kernel(logits, *self.kernel_args(batch))
+
+    @staticmethod
+    def kernel(logits: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closed form as a pure function of tensors and numbers: (batch loss ``[...]``,
+        logit gradient ``[..., B, L]``) from ``logits`` and :meth:`kernel_args`. The engine
+        runs it inside its compiled step (one graph for every loss of a group)."""
+        raise NotImplementedError
+
+    def kernel_args(self, batch: Batch) -> tuple:
+        """The kernel's inputs for a batch: the batch's tensors (observed labels, state
+        rows) and this epoch's numbers (schedules, options)."""
+        raise NotImplementedError
 
     @staticmethod
     def fused_step(

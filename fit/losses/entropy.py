@@ -58,17 +58,29 @@ class EM(Loss):
         matrix = pos * positive - self.options.alpha * unobserved * entropy
         return matrix, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        p = torch.sigmoid(logits)
-        positive, negative, entropy = entropy_terms(p)
-        pos, unobserved = is_value(batch.observed, 1, p.dtype), is_value(batch.observed, 0, p.dtype)
-        alpha = self.options.alpha
-        entries = logits.shape[-1] * logits.shape[-2]
-        loss = (pos * positive - alpha * unobserved * entropy).sum((-2, -1)) / entries
-        grad = -pos * p * (1 - p) / (p + 1e-5) - alpha * unobserved * entropy_gradient(
-            p, positive, negative
-        )
-        return loss, grad / entries
+    def kernel_args(self, batch: Batch):
+        return (batch.observed, self.options.alpha)
+
+    @staticmethod
+    def kernel(logits, observed, alpha):
+        return em_kernel(logits, observed, torch.zeros_like(logits), logits, alpha, 0.0)
+
+
+def em_kernel(logits, observed, labelled, target, alpha, beta):
+    """EM's (and APL's) batch loss and logit gradient: observed positives l+(p); labelled
+    entries beta [t l+(p) + (1 - t) l-(p)]; other unobserved entries -alpha H(p)."""
+    p = torch.sigmoid(logits)
+    positive, negative, entropy = entropy_terms(p)
+    pos = (observed == 1).to(p.dtype)
+    unobserved = (observed == 0).to(p.dtype) * (1 - labelled)
+    soft = target * positive + (1 - target) * negative
+    loss = pos * positive - alpha * unobserved * entropy + beta * labelled * soft
+    s = p * (1 - p)
+    d_positive, d_negative = -s / (p + 1e-5), s / (1 - p + 1e-5)
+    grad = pos * d_positive - alpha * unobserved * entropy_gradient(p, positive, negative)
+    grad = grad + beta * labelled * (target * d_positive + (1 - target) * d_negative)
+    entries = logits.shape[-1] * logits.shape[-2]
+    return loss.sum((-2, -1)) / entries, grad / entries
 
 
 class EMAPL(Loss):
@@ -127,21 +139,18 @@ class EMAPL(Loss):
         matrix = matrix + self.options.beta * labelled * soft
         return matrix, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        p = torch.sigmoid(logits)
-        positive, negative, entropy = entropy_terms(p)
-        labelled, target = self._targets(batch, p.dtype)
-        pos = is_value(batch.observed, 1, p.dtype)
-        unobserved = is_value(batch.observed, 0, p.dtype) * (1 - labelled)
-        alpha, beta = self.options.alpha, self.options.beta
-        entries = logits.shape[-1] * logits.shape[-2]
-        soft = target * positive + (1 - target) * negative
-        loss = pos * positive - alpha * unobserved * entropy + beta * labelled * soft
-        s = p * (1 - p)
-        d_positive, d_negative = -s / (p + 1e-5), s / (1 - p + 1e-5)
-        grad = pos * d_positive - alpha * unobserved * entropy_gradient(p, positive, negative)
-        grad = grad + beta * labelled * (target * d_positive + (1 - target) * d_negative)
-        return loss.sum((-2, -1)) / entries, grad / entries
+    def kernel_args(self, batch: Batch):
+        targets = batch.state.get("pseudo_targets")
+        if targets is None:
+            targets = torch.full(batch.observed.shape, math.nan)
+        return (batch.observed, targets, self.options.alpha, self.options.beta)
+
+    @staticmethod
+    def kernel(logits, observed, targets, alpha, beta):
+        # A target of exactly 0.0 counts as unlabelled, as the release's -0.0 encoding does.
+        labelled = ((~torch.isnan(targets)) & (targets != 0)).to(logits.dtype)
+        target = torch.nan_to_num(targets, nan=0.0).to(logits.dtype)
+        return em_kernel(logits, observed, labelled, target, alpha, beta)
 
     # ------------------------------------------------------------------ state
 

@@ -87,16 +87,37 @@ class _LargeLoss(Loss):
             loss = torch.where(selected, replacement, loss)
         return loss, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        target, loss, corrected, selected, _ = self.selection(logits, batch)
+    def kernel_args(self, batch: Batch):
+        observed = self._observed(batch)
+        k = 0  # epoch 1: plain AN
+        if batch.epoch >= 2 and clean_rate(self.options.delta_rel / 100, batch.epoch) != 1:
+            k = self._count(observed.shape[-1] * observed.shape[-2], batch.epoch)
+        # k as a tensor: it changes every epoch, and a compiled step must not recompile
+        return (observed, torch.tensor(k, device=observed.device), self.correct)
+
+    @staticmethod
+    def kernel(logits, observed, k, correct):
+        observed = observed.to(logits.dtype).expand_as(logits)
+        target = observed.clamp(min=0)
+        loss = bce_with_logits(logits, target)
         p = torch.sigmoid(logits)
         grad = p - target
-        if selected is not None:
-            replacement = (p - (1 - target)) if self.correct else torch.zeros_like(grad)
-            grad = torch.where(selected, replacement, grad)
-            loss = torch.where(
-                selected, corrected if self.correct else torch.zeros_like(loss), loss
-            )
+        ranked = (observed == 0).to(loss.dtype) * loss.detach()
+        flat = ranked.flatten(-2)
+        # the k-th largest ranked loss per head (ties included below); none when k = 0
+        ordered = flat.sort(dim=-1, descending=True).values
+        position = (
+            (k.clamp(max=flat.shape[-1]) - 1).clamp(min=0).reshape(1).expand(*flat.shape[:-1], 1)
+        )
+        threshold = ordered.gather(-1, position)
+        threshold = torch.where(k > 0, threshold, torch.full_like(threshold, float("inf")))
+        selected = ranked >= threshold.unsqueeze(-1)
+        if correct:
+            loss = torch.where(selected, bce_with_logits(logits, 1 - target), loss)
+            grad = torch.where(selected, p - (1 - target), grad)
+        else:
+            loss = torch.where(selected, torch.zeros_like(loss), loss)
+            grad = torch.where(selected, torch.zeros_like(grad), grad)
         entries = logits.shape[-1] * logits.shape[-2]
         return loss.sum((-2, -1)) / entries, grad / entries
 

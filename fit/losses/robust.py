@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spl.fit.losses.base import Batch, Loss, is_value, log_pos
+from spl.fit.losses.base import Batch, Loss, log_pos
 
 GR_SOURCE = "Chen et al., IJCAI 2024 (yan4xi1/GRLoss)"
 RL_SOURCE = "Zhang et al., arXiv 2112.07368 (xinyu1205/robust-loss-mlml)"
@@ -74,19 +74,27 @@ class GR(Loss):
         )  # mu0, sigma0, muT, sigmaT
         q: tuple[float, float] = (0.01, 1.0)  # q2, q3
 
-    def _parameters(self, batch: Batch):
+    def kernel_args(self, batch: Batch):
         if batch.num_epochs is None:
             raise ValueError(f"{self.key} schedules over the epochs: pass num_epochs=...")
         o = self.options
-        return gr_schedule(o.k_schedule, o.v_schedule, batch.epoch, batch.num_epochs)
+        schedule = gr_schedule(o.k_schedule, o.v_schedule, batch.epoch, batch.num_epochs)
+        # scheduled values as tensors: they change every epoch, and a compiled step must
+        # not recompile for each
+        device = batch.observed.device
+        return (
+            batch.observed,
+            *(torch.tensor(v, dtype=torch.float64, device=device) for v in schedule),
+            *o.q,
+        )
 
-    def _parts(self, logits, batch: Batch):
+    @staticmethod
+    def _parts(logits, observed, w, b, mu, sigma, q2, q3):
         p = torch.sigmoid(logits)
-        w, b, mu, sigma = self._parameters(batch)
         k, v = gr_weights(p, w, b, mu, sigma)
-        (up_term, down_term), (up_grad, down_grad) = gr_terms(p, *self.options.q)
-        pos = is_value(batch.observed, 1, p.dtype)
-        unobserved = is_value(batch.observed, 0, p.dtype)
+        (up_term, down_term), (up_grad, down_grad) = gr_terms(p, q2, q3)
+        pos = (observed == 1).to(p.dtype)
+        unobserved = (observed == 0).to(p.dtype)
         positive = log_pos(p, LOG_EPSILON_7)
         matrix = pos * positive + unobserved * v * (k * up_term + (1 - k) * down_term)
         grad = pos * (-p * (1 - p) / (p + LOG_EPSILON_7))
@@ -94,11 +102,12 @@ class GR(Loss):
         return matrix, grad
 
     def value(self, logits, batch: Batch):
-        matrix, _ = self._parts(logits, batch)
+        matrix, _ = self._parts(logits, *self.kernel_args(batch))
         return matrix, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        matrix, grad = self._parts(logits, batch)
+    @staticmethod
+    def kernel(logits, observed, w, b, mu, sigma, q2, q3):
+        matrix, grad = GR._parts(logits, observed, w, b, mu, sigma, q2, q3)
         entries = logits.shape[-1] * logits.shape[-2]
         return matrix.sum((-2, -1)) / entries, grad / entries
 
@@ -124,21 +133,25 @@ class Hill(Loss):
         margin: float = 1.0
         gamma: float = 2.0
 
-    def _parts(self, logits, batch: Batch):
-        o = self.options
-        pos = is_value(batch.observed, 1, logits.dtype)
-        positive, d_positive = _positive_focal(logits - o.margin, o.gamma)
+    def kernel_args(self, batch: Batch):
+        return (batch.observed, self.options.lamb, self.options.margin, self.options.gamma)
+
+    @staticmethod
+    def _parts(logits, observed, lamb, margin, gamma):
+        pos = (observed == 1).to(logits.dtype)
+        positive, d_positive = _positive_focal(logits - margin, gamma)
         p = torch.sigmoid(logits)
-        negative = (o.lamb - p) * p**2
-        d_negative = p * (1 - p) * p * (2 * o.lamb - 3 * p)
+        negative = (lamb - p) * p**2
+        d_negative = p * (1 - p) * p * (2 * lamb - 3 * p)
         return pos * positive + (1 - pos) * negative, pos * d_positive + (1 - pos) * d_negative
 
     def value(self, logits, batch: Batch):
-        matrix, _ = self._parts(logits, batch)
+        matrix, _ = self._parts(logits, *self.kernel_args(batch))
         return matrix, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        matrix, grad = self._parts(logits, batch)
+    @staticmethod
+    def kernel(logits, observed, lamb, margin, gamma):
+        matrix, grad = Hill._parts(logits, observed, lamb, margin, gamma)
         return matrix.sum((-2, -1)), grad
 
 
@@ -158,29 +171,33 @@ class SPLC(Loss):
         margin: float = 1.0
         gamma: float = 2.0
 
-    def _parts(self, logits, batch: Batch):
+    def kernel_args(self, batch: Batch):
         o = self.options
-        pos = is_value(batch.observed, 1, logits.dtype)
-        shifted = logits - o.margin * pos  # margin on the observed positives only
-        target = pos
-        if batch.epoch >= o.change_epoch:
-            corrected = (torch.sigmoid(shifted) > o.tau).to(logits.dtype)
-            target = torch.maximum(pos, corrected.detach())
-        positive, d_positive = _positive_focal(shifted, o.gamma)
+        correcting = torch.tensor(batch.epoch >= o.change_epoch, device=batch.observed.device)
+        return (batch.observed, correcting, o.tau, o.margin, o.gamma)
+
+    @staticmethod
+    def _parts(logits, observed, correcting, tau, margin, gamma):
+        pos = (observed == 1).to(logits.dtype)
+        shifted = logits - margin * pos  # margin on the observed positives only
+        corrected = ((torch.sigmoid(shifted) > tau) & correcting).to(logits.dtype)
+        target = torch.maximum(pos, corrected.detach())
+        positive, d_positive = _positive_focal(shifted, gamma)
         q = torch.sigmoid(shifted)
         minus_log_negative = F.softplus(shifted)  # -log(1 - q)
-        weight = q**o.gamma
+        weight = q**gamma
         negative = weight * minus_log_negative
-        d_negative = o.gamma * weight * (1 - q) * minus_log_negative + q ** (o.gamma + 1)
+        d_negative = gamma * weight * (1 - q) * minus_log_negative + q ** (gamma + 1)
         matrix = target * positive + (1 - target) * negative
         return matrix, target * d_positive + (1 - target) * d_negative
 
     def value(self, logits, batch: Batch):
-        matrix, _ = self._parts(logits, batch)
+        matrix, _ = self._parts(logits, *self.kernel_args(batch))
         return matrix, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        matrix, grad = self._parts(logits, batch)
+    @staticmethod
+    def kernel(logits, observed, correcting, tau, margin, gamma):
+        matrix, grad = SPLC._parts(logits, observed, correcting, tau, margin, gamma)
         return matrix.sum((-2, -1)), grad
 
 
@@ -198,33 +215,36 @@ class ASL(Loss):
         gamma_pos: float = 0.0  # --loss Asl; the class's own default is 1 (methods.md s7)
         clip: float = 0.05
 
-    def _parts(self, logits, batch: Batch):
+    def kernel_args(self, batch: Batch):
         o = self.options
+        return (batch.observed, o.gamma_neg, o.gamma_pos, o.clip)
+
+    @staticmethod
+    def _parts(logits, observed, gamma_neg, gamma_pos, clip):
         eps = 1e-8
-        y = is_value(batch.observed, 1, logits.dtype)
+        y = (observed == 1).to(logits.dtype)
         p = torch.sigmoid(logits)
         negative_p = 1 - p
-        if o.clip > 0:
-            negative_p = (negative_p + o.clip).clamp(max=1)
+        if clip > 0:
+            negative_p = (negative_p + clip).clamp(max=1)
         log_positive = torch.log(p.clamp(min=eps))
         log_negative = torch.log(negative_p.clamp(min=eps))
         pt = p * y + negative_p * (1 - y)
-        gamma = o.gamma_pos * y + o.gamma_neg * (1 - y)
+        gamma = gamma_pos * y + gamma_neg * (1 - y)
         weight = torch.pow(1 - pt, gamma).detach()
         matrix = -weight * (y * log_positive + (1 - y) * log_negative)
         s = p * (1 - p)
         d_positive = (1 - p) * (p > eps).to(p.dtype)  # d/dz log(max(p, eps))
-        open_negative = (
-            ((1 - p + o.clip) < 1) if o.clip > 0 else torch.ones_like(p, dtype=torch.bool)
-        )
+        open_negative = (1 - p + clip) < 1 if clip > 0 else torch.ones_like(p, dtype=torch.bool)
         d_negative = -s / negative_p * (open_negative & (negative_p > eps)).to(p.dtype)
         grad = -weight * (y * d_positive + (1 - y) * d_negative)
         return matrix, grad
 
     def value(self, logits, batch: Batch):
-        matrix, _ = self._parts(logits, batch)
+        matrix, _ = self._parts(logits, *self.kernel_args(batch))
         return matrix, logits.new_zeros(logits.shape[:-2])
 
-    def logit_gradient(self, logits, batch: Batch):
-        matrix, grad = self._parts(logits, batch)
+    @staticmethod
+    def kernel(logits, observed, gamma_neg, gamma_pos, clip):
+        matrix, grad = ASL._parts(logits, observed, gamma_neg, gamma_pos, clip)
         return matrix.sum((-2, -1)), grad
