@@ -59,6 +59,7 @@ def protocol_differences(
     batch_sizes=None,
     epochs: int | None = None,
     observed: str | None = None,
+    val: str | None = None,
 ) -> list[str]:
     """How a run's protocol departs from the one the paper's numbers were measured with:
     a table marks its paper column when this is not empty."""
@@ -74,4 +75,6 @@ def protocol_differences(
         out.append(f"{epochs} epochs (paper: {paper_epochs})")
     if observed is not None and observed != protocol.OBSERVED:
         out.append(f"observed labels {observed} (paper: {protocol.OBSERVED})")
+    if val is not None and val != "full":
+        out.append(f"selection on the val split's {val} labels (paper: its full labels)")
     return out

@@ -43,8 +43,24 @@ def _title(losses: Mapping[str, Any], key: str) -> str:
 # --------------------------------------------------------------------------- run summaries
 
 
+def protocol_text(observed: str, val: str) -> str:
+    """One line naming the protocol that made a result: which observed labels trained it and
+    which val labels selected its epoch and configuration (test mAP always uses full labels)."""
+    selection = (
+        "the val split's full labels (the paper's)"
+        if val == "full"
+        else "the val split's observed single positives (no full labels used)"
+    )
+    return f"Protocol: trained on observed set `{observed}`; selected on {selection}."
+
+
 def linear_summary(
-    dataset: str, tag: str, rows: list[dict], losses: Mapping[str, Any], differences=()
+    dataset: str,
+    tag: str,
+    rows: list[dict],
+    losses: Mapping[str, Any],
+    differences=(),
+    protocol: str = "",
 ) -> str:
     """summary.md of a linear run: per loss the selected configuration and its test mAP
     (logit ranking, and the paper's float32-probability ranking), recovery, the paper's."""
@@ -54,6 +70,7 @@ def linear_summary(
     lines = [
         f"# Linear heads on {dataset} ({tag})",
         "",
+        *([protocol, ""] if protocol else []),
         "Per loss, the (lr, batch size) with the highest best-epoch val mAP; its test mAP at "
         "that epoch (mean ± std over seeds), also as the paper's code ranks it (float32 "
         "probabilities). Recovery: training-set mAP against the hidden full labels.",
@@ -106,7 +123,13 @@ def linear_table(rows: list[dict], losses: Mapping[str, Any]) -> str:
 
 
 def finetune_summary(
-    dataset: str, tag: str, key: str, rows: list[dict], losses: Mapping[str, Any], differences=()
+    dataset: str,
+    tag: str,
+    key: str,
+    rows: list[dict],
+    losses: Mapping[str, Any],
+    differences=(),
+    protocol: str = "",
 ) -> str:
     """summary.md of a fine-tune run (``key``: a loss, or ``<loss>+linearinit``)."""
     loss = key.partition("+")[0]
@@ -118,6 +141,7 @@ def finetune_summary(
     lines = [
         f"# Fine-tuned {_title(losses, key)} on {dataset} ({tag})",
         "",
+        *([protocol, ""] if protocol else []),
         "| config | best epoch | val mAP | test mAP | test mAP (paper's ranking) |",
         "|---|---|---|---|---|",
     ]

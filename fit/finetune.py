@@ -232,13 +232,15 @@ class FineTuner:
         initial_state: dict[str, torch.Tensor] | None = None,
         checkpoint: dict | None = None,
         best: dict | None = None,
+        val_labels: np.ndarray | None = None,
         on_epoch: Callable[[FineTuner, dict], None] | None = None,
         on_step: Callable[[int, float, float], None] | None = None,
     ) -> FineTuner:
         """Train; ``checkpoint`` (from :meth:`checkpoint`) and ``best`` (the best epoch's
         checkpoint) resume an interrupted run. ``on_epoch(self, record)`` sees each epoch's
         record (epoch, val mAP, whether it improved); ``on_step(step, waited, seconds)``
-        reports timing. Afterwards the best weights are loaded and the test split scored."""
+        reports timing. ``val_labels`` select the best epoch (the val split's full labels by
+        default). Afterwards the best weights are loaded and the test split scored."""
         procs = data.procs
         device = procs.device
         cuda = device.type == "cuda"
@@ -285,7 +287,8 @@ class FineTuner:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(trainable, device_ids=[device.index] if cuda else None)
-        val_labels = data.labels("val")
+        if val_labels is None:
+            val_labels = data.labels("val")
         if progress["epoch"] == 0 and head is not None:
             # Epoch 0: the untouched LinearInit model, to show where fine-tuning starts.
             val0 = split_map(self._logits(data, "val"), val_labels)

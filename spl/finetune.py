@@ -35,8 +35,8 @@ from spl.settings import FinetuneSettings
 RESULT_COLUMNS = [
     "config", "loss", "lr", "batch_size", "seed", "best_epoch", "val_map", "test_map",
     "test_map_paper_metric", "estimator_recovery_map", "test_p_at_1", "test_r_at_1",
-    "test_p_at_3", "test_r_at_3", "init", "recipe", "epochs_trained", "images_per_second",
-    "data_wait_fraction",
+    "test_p_at_3", "test_r_at_3", "init", "recipe", "epochs_trained", "observed", "val",
+    "images_per_second", "data_wait_fraction",
 ]  # fmt: skip
 
 
@@ -155,12 +155,16 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
     run.write_csv("results.csv", results, RESULT_COLUMNS)
     differences = paper.protocol_differences(
         "finetune", tag=tag, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
-        epochs=settings.epochs, observed=settings.observed,
+        epochs=settings.epochs, observed=settings.observed, val=settings.val,
     )  # fmt: skip
     key = f"{settings.loss}+linearinit" if settings.init_from else settings.loss
     run.write_text(
-        "summary.md", report.finetune_summary(prepared.name, tag, key, results, LOSSES, differences)
-    )
+        "summary.md",
+        report.finetune_summary(
+            prepared.name, tag, key, results, LOSSES, differences,
+            protocol=report.protocol_text(settings.observed, settings.val),
+        ),
+    )  # fmt: skip
     run.complete()
     procs.all_ok(True)
     return run.path
@@ -251,6 +255,7 @@ def _train_config(
     tuner.fit(
         make_classifier,
         data,
+        val_labels=settings.selection_labels(prepared, data.rows["val"]),
         head=None if init is None else (init.weight, init.bias),
         initial_state=None if init is None else init.state_for_rows(data.rows["train"]),
         checkpoint=checkpoint,
@@ -266,6 +271,7 @@ def _train_config(
         "best_epoch": tuner.best_epoch_, "val_map": tuner.best_val_map_, **tuner.scores_,
         "init": f"linear:{init.name}" if init is not None else "imagenet",
         "recipe": settings.recipe, "epochs_trained": tuner.progress_["epoch"],
+        "observed": settings.observed, "val": settings.val,
         "images_per_second": _mean([h.get("images_per_second") for h in history]),
         "data_wait_fraction": _mean([h.get("data_wait_fraction") for h in history]),
     }  # fmt: skip

@@ -30,7 +30,7 @@ from spl.settings import LinearSettings
 RESULT_COLUMNS = [
     "head", "loss", "lr", "batch_size", "seed", "best_epoch", "val_map", "test_map",
     "test_map_paper_metric", "train_recovery_map", "estimator_recovery_map",
-    "test_p_at_1", "test_r_at_1", "test_p_at_3", "test_r_at_3",
+    "test_p_at_1", "test_r_at_1", "test_p_at_3", "test_r_at_3", "observed", "val",
 ]  # fmt: skip
 
 
@@ -196,7 +196,7 @@ def run_linear(
         data.observed[SINGLE_POSITIVE],
         labels=data.labels["train"],
         X_val=data.features["val"],
-        Y_val=data.labels["val"],
+        Y_val=settings.selection_labels(prepared, data.rows["val"]),
         observed_iu=data.observed.get(WITH_NEGATIVES),
         X_test=data.features["test"],
         Y_test=data.labels["test"],
@@ -232,7 +232,9 @@ def _progress_bar(settings: LinearSettings, num_rows: int, state: dict | None, e
 
 def write_results(run: Run, prepared, tag, model: StackedHeads, data: SplitData, settings) -> None:
     """results.csv, per_class_ap.csv, heads.pt and summary.md of a finished sweep."""
-    rows = model.results_
+    # The protocol in every row: which observed labels trained it and which val labels
+    # selected its epoch.
+    rows = [{**row, "observed": settings.observed, "val": settings.val} for row in model.results_]
     run.write_csv("results.csv", rows, RESULT_COLUMNS)
     run.write_csv(
         "per_class_ap.csv",
@@ -260,8 +262,12 @@ def write_results(run: Run, prepared, tag, model: StackedHeads, data: SplitData,
     )
     differences = paper.protocol_differences(
         "linear", tag=tag, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
-        epochs=settings.epochs, observed=settings.observed,
+        epochs=settings.epochs, observed=settings.observed, val=settings.val,
     )  # fmt: skip
     run.write_text(
-        "summary.md", report.linear_summary(prepared.name, tag, rows, LOSSES, differences)
-    )
+        "summary.md",
+        report.linear_summary(
+            prepared.name, tag, rows, LOSSES, differences,
+            protocol=report.protocol_text(settings.observed, settings.val),
+        ),
+    )  # fmt: skip

@@ -265,7 +265,18 @@ def config_value(cls: type, name: str, value: Any, where: str) -> Any:
 class LossSettings:
     """Which observed labels the losses see, k, and each loss's option overrides."""
 
-    observed: str = setting(protocol.OBSERVED, help="Observed-label set the losses train on.")
+    observed: str = setting(
+        protocol.OBSERVED,
+        help="Observed-label set the losses train on (see `spl data info`; e.g. a biased "
+        "set size-p1-s1200).",
+    )
+    val: str = setting(
+        "full",
+        choices=("full", "observed"),
+        help="What selects the epoch and the configuration: the val split's full labels "
+        "(the paper's) or its observed single positives (no fully labelled val set needed; "
+        "the official code's val_set_variant='observed'). Test mAP always uses full labels.",
+    )
     observed_iu: str = setting(
         protocol.OBSERVED_IU,
         help="Observed set with negatives, for losses that train on observed negatives (IU).",
@@ -289,6 +300,15 @@ class LossSettings:
         from spl.fit.losses import WITH_NEGATIVES
 
         return self.observed_iu if trains_on == WITH_NEGATIVES else self.observed
+
+    def selection_labels(self, prepared, rows) -> Any:
+        """The labels of the val rows that select epochs and configurations: the full ones,
+        or (``--val observed``) the observed positives, as the official code's map_observed
+        scores them (y = observed == 1; the set is drawn on the whole training file, before
+        the split, so the val rows carry single positives)."""
+        if self.val == "full":
+            return prepared.labels["trainval"][rows]
+        return (prepared.observed_set(self.observed)["trainval"][rows] == 1).astype("uint8")
 
 
 def _losses(text: Any, option: str) -> list[str]:

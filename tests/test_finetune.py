@@ -73,6 +73,33 @@ def test_linear_init_starts_where_the_linear_head_left_off(linear, runner, tmp_p
     assert history[1]["val_map"] >= head_val - 5.0
 
 
+def test_val_observed_selects_on_the_val_single_positives(linear, runner, tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    from spl.extract.features import load_features
+
+    dataset, linear_run, _ = linear
+    _finetune(runner, dataset, tmp_path, "--loss", "an_ls", "--init-from", linear_run,
+              "--lrs", "1e-5", "--epochs", 1, "--val", "observed")  # fmt: skip
+    run = _only_run(tmp_path / "demo" / TAG)
+    (row,) = read_csv(run / "results.csv")
+    assert (row["observed"], row["val"]) == ("uniform-p1-n0-s1200", "observed")
+    history = _history(run / row["config"])
+    # epoch 0 is the LinearInit head on the pretrained backbone: its val mAP is the head's
+    # scores on the cached val features against the val rows' observed single positives
+    prepared = load_prepared(dataset)
+    val_rows = prepared.split["val"]
+    selection = prepared.observed["uniform-p1-n0-s1200"]["trainval"][val_rows] == 1
+    heads = torch.load(linear_run / "heads.pt", weights_only=True)
+    i = heads["names"].index(row["init"].removeprefix("linear:"))
+    x = torch.tensor(load_features(prepared, TAG).features["trainval"][val_rows])
+    scores = (x @ heads["weight"][i].T + heads["bias"][i]).numpy()
+    aps = [average_precision_score(selection[:, j], scores[:, j]) if selection[:, j].any()
+           else 0.0 for j in range(selection.shape[1])]  # fmt: skip
+    assert history[0]["val_map"] == pytest.approx(100 * np.mean(aps), abs=0.05)
+    assert "observed single positives" in (run / "summary.md").read_text()
+
+
 def test_role_carries_the_estimator_over(linear, runner, tmp_path):
     dataset, linear_run, _ = linear
     heads = torch.load(linear_run / "heads.pt", weights_only=True)

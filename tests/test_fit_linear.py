@@ -119,6 +119,70 @@ def test_seeds_give_mean_and_std(imported, tmp_path, runner):
     assert std == pytest.approx(np.std(tests, ddof=1), abs=1e-3)
 
 
+def _sklearn_map(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The official code's compute_metrics: AP per class (0 for a class with no positive),
+    mean over all classes, x100."""
+    from sklearn.metrics import average_precision_score
+
+    aps = [average_precision_score(labels[:, j], scores[:, j]) if labels[:, j].any() else 0.0
+           for j in range(labels.shape[1])]  # fmt: skip
+    return 100.0 * float(np.mean(aps))
+
+
+def test_val_observed_selects_on_the_val_single_positives(imported, tmp_path, runner):
+    _fit(runner, imported, tmp_path / "runs", "--epochs", 6, "--losses", "an,role",
+         "--lrs", "1e-2,1e-3", "--batch-sizes", 8, "--val", "observed")  # fmt: skip
+    run = _run_dir(tmp_path / "runs")
+    prepared = load_prepared(imported)
+    val_rows = prepared.split["val"]
+    observed = prepared.observed["uniform-p1-n0-s1200"]["trainval"][val_rows]
+    selection = (observed == 1).astype(np.uint8)
+    assert (selection.sum(1) == 1).all()  # the val rows carry one positive each
+    full = prepared.labels["trainval"][val_rows]
+    heads = torch.load(run / "heads.pt", weights_only=True)
+    features = load_features(prepared, "imported").features
+    val_x = torch.tensor(features["trainval"][val_rows])
+    test_x = torch.tensor(features["test"])
+    rows = read_csv(run / "results.csv")
+    assert {(r["observed"], r["val"]) for r in rows} == {("uniform-p1-n0-s1200", "observed")}
+    differed = 0
+    for row in rows:
+        i = heads["names"].index(row["head"])
+        val_scores = (val_x @ heads["weight"][i].T + heads["bias"][i]).numpy()
+        # the recorded val mAP is the best epoch's mAP on the observed positives ...
+        assert float(row["val_map"]) == pytest.approx(_sklearn_map(val_scores, selection), abs=1e-3)
+        differed += abs(_sklearn_map(val_scores, full) - float(row["val_map"])) > 0.5
+        # ... and test mAP still uses the full test labels
+        test_scores = (test_x @ heads["weight"][i].T + heads["bias"][i]).numpy()
+        expected = _sklearn_map(test_scores, prepared.labels["test"])
+        assert float(row["test_map"]) == pytest.approx(expected, abs=1e-3)
+    assert differed >= len(rows) // 2  # full labels would have scored them differently
+    summary = (run / "summary.md").read_text()
+    assert "selected on the val split's observed single positives" in summary
+    assert json.loads((run / "config.json").read_text())["settings"]["val"] == "observed"
+
+
+def test_val_observed_with_another_observed_set_uses_that_set(imported, tmp_path, runner):
+    invoke(runner, ["data", "observe", imported, "--seed", 7])
+    _fit(runner, imported, tmp_path / "runs", "--epochs", 2, "--losses", "an", "--lrs", "1e-2",
+         "--batch-sizes", 8, "--val", "observed", "--observed", "uniform-p1-n0-s7")  # fmt: skip
+    run = _run_dir(tmp_path / "runs")
+    prepared = load_prepared(imported)
+    val_rows = prepared.split["val"]
+    selection = prepared.observed["uniform-p1-n0-s7"]["trainval"][val_rows] == 1
+    (row,) = read_csv(run / "results.csv")
+    heads = torch.load(run / "heads.pt", weights_only=True)
+    x = torch.tensor(load_features(prepared, "imported").features["trainval"][val_rows])
+    scores = (x @ heads["weight"][0].T + heads["bias"][0]).numpy()
+    assert float(row["val_map"]) == pytest.approx(_sklearn_map(scores, selection), abs=1e-3)
+    assert row["observed"] == "uniform-p1-n0-s7"
+
+
+def test_bad_val_choice_is_refused(imported, tmp_path, runner):
+    result = _fit(runner, imported, tmp_path / "runs", "--val", "clean", ok=False)
+    assert "--val" in result.output and "full" in result.output and "observed" in result.output
+
+
 @pytest.mark.slow
 def test_killed_run_is_marked_incomplete_and_resumes_to_the_same_result(imported, tmp_path, runner):
     args = ["--epochs", 30, "--losses", "an,role,epr", "--lrs", "1e-3", "--batch-sizes", "8,16"]
