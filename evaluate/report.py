@@ -182,6 +182,8 @@ TITLES = {
     "linear": "Linear heads on frozen features: test mAP",
     "finetune": "Fine-tuned end to end: test mAP",
     "recovery": "Training-set mAP against the hidden full labels (label recovery)",
+    "label-bias": "Linear heads trained on biased single positives: test mAP",
+    "since-2021": "Methods since the paper: test mAP",
 }
 
 
@@ -194,11 +196,13 @@ def build_table(
     tag: str,
     seeds: Sequence[int],
     differences: Sequence[str] = (),
+    protocol: dict | None = None,
 ) -> dict:
     """Rows of (ours mean ± std, the paper's, the difference) per dataset, for one table.
 
     ``cells`` are ``(loss, dataset, status, record)``; a done cell's record holds
-    ``[mean, std]`` per result column."""
+    ``[mean, std]`` per result column. ``protocol`` (observed set, val labels) is recorded
+    in the table and said under its title."""
     column = "train_recovery_map" if table == "recovery" else "test_map"
     rows = []
     for loss in dict.fromkeys(c[0] for c in cells):
@@ -208,28 +212,115 @@ def build_table(
             reference = None
             if dataset in paper.PAPER_DATASETS:
                 reference = paper.paper_value(table, loss, dataset)
-            entry: dict[str, Any] = {"paper": reference, "status": found[2] if found else "missing"}
-            record = found[3] if found else None
-            if record is not None and found[2] == "done" and column in record:
-                mean, std = record[column]
-                entry.update(
-                    {"mean": mean, "std": _none_if_nan(std), "seeds": len(record["picked"])}
-                )
-                if reference is not None:
-                    entry["difference"] = mean - reference
-                if table != "recovery" and "test_map_paper_metric" in record:
-                    pm_mean, pm_std = record["test_map_paper_metric"]
-                    entry.update(
-                        {"paper_metric_mean": pm_mean, "paper_metric_std": _none_if_nan(pm_std)}
-                    )
-                    if reference is not None:
-                        entry["paper_metric_difference"] = pm_mean - reference
-            row["cells"][dataset] = entry
+            row["cells"][dataset] = cell_entry(found, column, reference, table != "recovery")
         rows.append(row)
     shown = any(d in paper.PAPER_DATASETS for d in datasets)
     mark, note = paper_note(differences) if shown else ("", "")
     return {"table": table, "title": TITLES[table], "feature_tag": tag, "seeds": list(seeds),
-            "datasets": list(datasets), "rows": rows, "paper_mark": mark, "paper_note": note}  # fmt: skip
+            "datasets": list(datasets), "rows": rows, "paper_mark": mark, "paper_note": note,
+            **(protocol or {})}  # fmt: skip
+
+
+def cell_entry(found, column: str, reference: float | None, with_metric: bool = True) -> dict:
+    """One table entry from a cell ``(loss, dataset, status, record)`` (or None): ours as
+    mean ± std over seeds, the reference number, their difference."""
+    entry: dict[str, Any] = {"paper": reference, "status": found[2] if found else "missing"}
+    record = found[3] if found else None
+    if record is not None and found[2] == "done" and column in record:
+        mean, std = record[column]
+        entry.update({"mean": mean, "std": _none_if_nan(std), "seeds": len(record["picked"])})
+        if reference is not None:
+            entry["difference"] = mean - reference
+        if with_metric and "test_map_paper_metric" in record:
+            pm_mean, pm_std = record["test_map_paper_metric"]
+            entry.update({"paper_metric_mean": pm_mean, "paper_metric_std": _none_if_nan(pm_std)})
+            if reference is not None:
+                entry["paper_metric_difference"] = pm_mean - reference
+    return entry
+
+
+def protocol_fields(observed: str, val: str) -> dict:
+    """What a table records of the protocol that made it."""
+    return {"observed": observed, "val": val, "protocol": protocol_text(observed, val)}
+
+
+def build_since_table(
+    datasets: Sequence[str],
+    cells: Sequence[tuple[str, str, str, str, dict | None]],
+    losses: Mapping[str, Any],
+    *,
+    tag: str,
+    seeds: Sequence[int],
+    differences: Sequence[str] = (),
+    protocol: dict | None = None,
+) -> dict:
+    """The since-2021 table: per method and dataset, our linear probe on the cached features
+    (nobody publishes one) and our fine-tuned result under the method's own recipe beside
+    its published number; AN and ROLE (the paper's recipe, the paper's numbers) for
+    reference. ``cells`` are ``(row, kind, dataset, status, record)`` with kind ``linear`` or
+    ``finetune``."""
+    rows = []
+    for key in dict.fromkeys(c[0] for c in cells):
+        in_paper = key in paper.FINETUNE
+        row: dict[str, Any] = {
+            "loss": key,
+            "title": _title(losses, key),
+            "source": paper.SINCE_2021_SOURCES.get(key, "Cole et al., CVPR 2021 (the paper)"),
+            "recipe": "paper" if in_paper else "source",
+            "cells": {},
+        }
+        for dataset in datasets:
+            for kind in ("linear", "finetune"):
+                found = next(
+                    ((r, d, s, rec) for r, k, d, s, rec in cells
+                     if r == key and k == kind and d == dataset), None,
+                )  # fmt: skip
+                reference = None
+                if dataset in paper.PAPER_DATASETS:
+                    if in_paper:
+                        reference = paper.paper_value(kind, key, dataset)
+                    elif kind == "finetune":
+                        reference = paper.paper_value("since-2021", key, dataset)
+                row["cells"][f"{dataset}/{kind}"] = cell_entry(found, "test_map", reference)
+        rows.append(row)
+    shown = any(d in paper.PAPER_DATASETS for d in datasets)
+    mark, note = paper_note(differences) if shown else ("", "")
+    return {"table": "since-2021", "title": TITLES["since-2021"], "feature_tag": tag,
+            "seeds": list(seeds), "datasets": list(datasets), "rows": rows, "paper_mark": mark,
+            "paper_note": note, **(protocol or {})}  # fmt: skip
+
+
+def render_since_markdown(data: dict) -> str:
+    mark = data.get("paper_mark", "")
+    header = ["method"]
+    for dataset in data["datasets"]:
+        header += [f"{dataset} linear", f"{dataset} fine-tuned{mark}"]
+    header.append("published number from")
+    lines = [f"## {data['title']}", ""]
+    if data.get("protocol"):
+        lines += [data["protocol"], ""]
+    lines += [
+        f"Backbone features: `{data['feature_tag']}`; seeds {data['seeds']}. Linear: ours (a "
+        "head on the cached features, the paper's grid and selection; nobody publishes "
+        "these), beside the paper's for AN and ROLE. Fine-tuned: ours with the method's own "
+        "recipe (`spl finetune --recipe source`; AN and ROLE with the paper's) / the "
+        "published number (difference). Rows marked * use an external model's scores "
+        "(`spl pseudo-labels`).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+    ]
+    for row in data["rows"]:
+        cells = [
+            _cell_text(row["cells"][f"{d}/{k}"], "mean", "std", "difference")
+            for d in data["datasets"]
+            for k in ("linear", "finetune")
+        ]
+        star = "*" if "external model" in row["source"] else ""
+        lines.append(f"| {row['title']}{star} | " + " | ".join(cells) + f" | {row['source']} |")
+    if data.get("paper_note"):
+        lines += ["", data["paper_note"]]
+    return "\n".join(lines) + "\n"
 
 
 def _none_if_nan(value):
@@ -244,7 +335,7 @@ def render_markdown(data: dict) -> str:
         header.append(dataset + mark)
         if with_metric:
             header.append(f"{dataset}, paper's ranking")
-    lines = [f"## {data['title']}", "",
+    lines = [f"## {data['title']}", "", *([data["protocol"], ""] if data.get("protocol") else []),
              f"Backbone features: `{data['feature_tag']}`; seeds {data['seeds']}. "
              "Each cell: ours (mean ± std over seeds) / paper (difference)."
              + (" The paper's-ranking columns rank float32 probabilities as the paper's code "
@@ -282,15 +373,19 @@ def _cell_text(entry: dict, mean_key: str, std_key: str, difference_key: str) ->
 def render_csv(data: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["table", "loss", "dataset", "mean", "std", "seeds", "paper", "difference",
-                     "mean_paper_metric", "std_paper_metric", "status"])  # fmt: skip
+    writer.writerow(["table", "loss", "dataset", "kind", "mean", "std", "seeds", "paper",
+                     "difference", "mean_paper_metric", "std_paper_metric", "status", "observed",
+                     "val"])  # fmt: skip
     for row in data["rows"]:
-        for dataset, entry in row["cells"].items():
-            writer.writerow([data["table"], row["loss"], dataset, entry.get("mean", ""),
-                             _blank(entry.get("std")), entry.get("seeds", ""),
-                             _blank(entry.get("paper")), entry.get("difference", ""),
-                             _blank(entry.get("paper_metric_mean")),
-                             _blank(entry.get("paper_metric_std")), entry["status"]])  # fmt: skip
+        for column, entry in row["cells"].items():
+            # since-2021 cells are keyed dataset/kind; the others by dataset (or bias kind)
+            dataset, _, kind = column.partition("/")
+            writer.writerow([data["table"], row["loss"], dataset, kind or data["table"],
+                             entry.get("mean", ""), _blank(entry.get("std")),
+                             entry.get("seeds", ""), _blank(entry.get("paper")),
+                             entry.get("difference", ""), _blank(entry.get("paper_metric_mean")),
+                             _blank(entry.get("paper_metric_std")), entry["status"],
+                             data.get("observed", ""), data.get("val", "")])  # fmt: skip
     return buffer.getvalue()
 
 

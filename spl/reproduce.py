@@ -1,15 +1,20 @@
 """``spl reproduce``: the paper's tables in batch, cell by cell, side by side with the paper.
 
-A *cell* is one (table, dataset, loss). Its result record (``tables/cells/...json``) holds
-the options it was computed with; a rerun skips cells whose record matches the options,
-recomputes cells whose options differ (never mixing them into a table) and computes the
-missing ones. The work is a list of *jobs* (``spl extract`` / ``spl fit-linear`` /
-``spl finetune`` commands) in three stages; jobs of a stage run in parallel, one per GPU
-(``--jobs N``), each in its own process.
+A *cell* is one (kind, dataset, row) under one protocol (the observed set that trains it,
+the val labels that select it); kind is ``linear``, ``recovery`` or ``finetune``. Its result
+record (``tables/cells/...json``) holds the options it was computed with; a rerun skips
+cells whose record matches the options, recomputes cells whose options differ (never
+mixing them into a table) and computes the missing ones. A *table* is a view over cells:
+the paper's three, ``since-2021`` (linear and fine-tuned cells of the methods since the
+paper) and ``label-bias`` (linear cells under each biased draw). The work is a list of
+*jobs* (``spl data observe`` / ``spl extract`` / ``spl fit-linear`` / ``spl finetune``
+commands) in three stages; jobs of a stage run in parallel, one per GPU (``--jobs N``),
+each in its own process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -27,12 +32,16 @@ from spl.data import protocol
 from spl.data.common import SplError, write_json_atomic, write_text_atomic
 from spl.evaluate import paper, report
 from spl.evaluate.selection import SUMMARY_COLUMNS, select_best
-from spl.fit.losses import LOSSES, PAPER_LOSSES
+from spl.fit.losses import LOSSES, PAPER_LOSSES, SINCE_2021
+from spl.fit.losses.base import SINGLE_POSITIVE, WITH_NEGATIVES
+from spl.fit.recipes import RECIPES, source_recipe
 from spl.runs import read_csv, read_jsonl
-from spl.settings import DATASETS, TABLES, ReproduceSettings, setting
+from spl.settings import BIAS_KINDS, DATASETS, TABLES, ReproduceSettings, setting
 
 RECOVERY_LOSSES = ("an", "an_ls", "role")
 LINEARINIT = tuple(protocol.LINEARINIT)
+SINCE_REFERENCE = ("an", "role")  # the paper's rows in the since-2021 table
+BIAS_DATASET = "coco14"  # the biased draws read COCO's instance annotations
 __all__ = ["DATASETS", "TABLES", "Plan", "reproduce"]
 
 
@@ -50,9 +59,26 @@ class Plan(ReproduceSettings):
     def __post_init__(self) -> None:
         if self.finetune_losses is None:
             self.finetune_losses = [*PAPER_LOSSES, *(f"{k}+linearinit" for k in LINEARINIT)]
+        if self.since_losses is None:
+            self.since_losses = [*SINCE_2021, *SINCE_REFERENCE]
         if self.jobs is None:
             self.jobs = 1
         self.root, self.runs, self.out = Path(self.root), Path(self.runs), Path(self.out)
+        if self.clicks is not None:
+            self.clicks = Path(self.clicks)
+
+    @property
+    def observed_name(self) -> str:
+        """The observed set of the plan's protocol (``--observed``, resolved)."""
+        return bias_set(self.observed, self.observed_seed)
+
+    @property
+    def default_protocol(self) -> bool:
+        return self.observed_name == protocol.OBSERVED and self.val == "full"
+
+    def bias_kinds(self) -> list[str]:
+        """The label-bias table's columns: semantic only with the click files."""
+        return [k for k in BIAS_KINDS if k != "semantic" or self.clicks is not None]
 
     @functools.cached_property
     def tag(self) -> str:
@@ -67,12 +93,26 @@ class Plan(ReproduceSettings):
         return backbone_tag(self.backbone, resolved, self.image_size)
 
 
+def bias_set(observed: str, seed: int) -> str:
+    """The observed-set name of ``--observed``: a draw's kind (uniform, size, location,
+    semantic) with its seed, or a set's name as given."""
+    if observed == "uniform":
+        return protocol.observed_set_name(
+            protocol.NUM_POSITIVES, protocol.NUM_NEGATIVES, seed
+        )  # fmt: skip
+    if observed in BIAS_KINDS:
+        return protocol.observed_set_name(1, 0, seed, bias=observed)
+    return observed
+
+
 @dataclass
 class Cell:
-    table: str
+    table: str  # what computes it: linear | recovery | finetune
     dataset: str
-    loss: str  # a loss key, or '<key>+linearinit'
+    loss: str  # a loss key, '<key>+linearinit' or '<key>+source' (the method's own recipe)
     options: dict
+    observed: str = protocol.OBSERVED
+    val: str = "full"
     record: dict | None = None
     status: str = "missing"  # done | missing | stale
     why: str = ""
@@ -80,6 +120,14 @@ class Cell:
     @property
     def path_parts(self) -> tuple[str, str, str]:
         return (self.table, self.dataset, self.loss.replace("+", "_"))
+
+    @property
+    def protocol_dir(self) -> str:
+        """'' under the paper's protocol (the cell paths of earlier versions), else a folder
+        naming the observed set and the val labels."""
+        if self.observed == protocol.OBSERVED and self.val == "full":
+            return ""
+        return f"{self.observed}.val-{self.val}"
 
 
 @dataclass
@@ -98,7 +146,16 @@ class Job:
 
 def cell_path(plan: Plan, cell: Cell) -> Path:
     table, dataset, loss = cell.path_parts
-    return plan.out / "cells" / table / dataset / f"{loss}.json"
+    folder = plan.out / "cells" / cell.protocol_dir if cell.protocol_dir else plan.out / "cells"
+    return folder / table / dataset / f"{loss}.json"
+
+
+def _observed_sets(plan: Plan, dataset: str) -> set[str] | None:
+    from spl.data.prepared import load_prepared
+
+    if not (plan.root / dataset / "labels.h5").exists():
+        return None
+    return set(load_prepared(plan.root / dataset).observed)
 
 
 def _fingerprint(plan: Plan, dataset: str) -> str | None:
@@ -110,16 +167,28 @@ def _fingerprint(plan: Plan, dataset: str) -> str | None:
     return load_prepared(labels.parent).fingerprint
 
 
-def cell_options(plan: Plan, table: str, dataset: str, loss: str, fingerprint: str | None) -> dict:
-    """The options a cell's value depends on: a stored record with others is stale."""
-    base = {"dataset_fingerprint": fingerprint, "feature_tag": plan.tag, "seeds": plan.seeds}
+def cell_options(
+    plan: Plan, table: str, dataset: str, loss: str, fingerprint: str | None,
+    observed: str = protocol.OBSERVED, val: str = "full",
+) -> dict:  # fmt: skip
+    """The options a cell's value depends on: a stored record with others is stale. The
+    protocol is named only when it is not the paper's (records of earlier versions stay
+    valid)."""
+    base: dict = {"dataset_fingerprint": fingerprint, "feature_tag": plan.tag, "seeds": plan.seeds}
+    if observed != protocol.OBSERVED or val != "full":
+        base.update({"observed": observed, "val": val})
     if table in ("linear", "recovery"):
         return {**base, "lrs": plan.linear_lrs, "batch_sizes": plan.linear_batch_sizes,
                 "epochs": plan.linear_epochs}  # fmt: skip
+    key, _, variant = loss.partition("+")
+    if variant == "source":
+        # as JSON stores it (tuples become lists), so that a stored record compares equal
+        recipe = json.loads(json.dumps(dataclasses.asdict(source_recipe(key, dataset))))
+        return {**base, "recipe": recipe, "extra": plan.finetune_args}
     options = {**base, "lrs": plan.finetune_lrs, "batch_sizes": plan.finetune_batch_sizes,
                "epochs": plan.finetune_epochs, "extra": plan.finetune_args}  # fmt: skip
-    if loss.endswith("+linearinit"):
-        options["linear_phase"] = linearinit_settings(loss.split("+")[0], dataset, plan)
+    if variant == "linearinit":
+        options["linear_phase"] = linearinit_settings(key, dataset, plan)
     return options
 
 
@@ -133,20 +202,68 @@ def linearinit_settings(loss: str, dataset: str, plan: Plan) -> dict:
     }
 
 
+def since_row_key(loss: str) -> str:
+    """The fine-tuned cell of a since-2021 row: the method's own recipe, or the paper's for
+    the paper's losses."""
+    return f"{loss}+source" if loss in RECIPES else loss
+
+
+def trains_under(loss: str, observed: str) -> bool:
+    """Whether a linear/fine-tuned row belongs to a table made under ``observed``: a loss
+    that trains on observed negatives (IU) has no place under another single-positive draw
+    (its negatives come from the paper's uniform set)."""
+    key = loss.partition("+")[0]
+    return observed == protocol.OBSERVED or LOSSES[key].trains_on != WITH_NEGATIVES
+
+
+def label_bias_rows(plan: Plan) -> list[str]:
+    """The label-bias table's rows: the losses that learn from the single positives alone
+    (not the full-label baselines, not IU)."""
+    return [
+        k for k in plan.linear_losses
+        if LOSSES[k].trains_on == SINGLE_POSITIVE and not LOSSES[k].reads_labels
+    ]  # fmt: skip
+
+
+def wanted_cells(plan: Plan, dataset: str) -> list[tuple[str, str, str]]:
+    """(kind, row, observed set) of every cell the plan's tables need on ``dataset``."""
+    observed = plan.observed_name
+    wanted: list[tuple[str, str, str]] = []
+    if "linear" in plan.tables:
+        wanted += [("linear", k, observed) for k in plan.linear_losses if trains_under(k, observed)]
+    if "recovery" in plan.tables:
+        wanted += [("recovery", k, observed) for k in RECOVERY_LOSSES]
+    if "finetune" in plan.tables:
+        wanted += [
+            ("finetune", k, observed) for k in plan.finetune_losses if trains_under(k, observed)
+        ]
+    if "since-2021" in plan.tables:
+        wanted += [("linear", k, observed) for k in plan.since_losses]
+        wanted += [("finetune", since_row_key(k), observed) for k in plan.since_losses]
+    if "label-bias" in plan.tables and dataset == BIAS_DATASET:
+        for kind in plan.bias_kinds():
+            drawn = bias_set(kind, plan.observed_seed)
+            wanted += [("linear", k, drawn) for k in label_bias_rows(plan)]
+    return list(dict.fromkeys(wanted))
+
+
 def plan_cells(plan: Plan) -> list[Cell]:
+    if "label-bias" in plan.tables and BIAS_DATASET not in plan.datasets:
+        raise SplError(
+            f"--table label-bias needs {BIAS_DATASET} among --datasets: the biased draws read "
+            "COCO's instance annotations"
+        )
+    if plan.observed == "semantic" and plan.clicks is None:
+        raise SplError(
+            "--observed semantic needs --clicks DIR, the folder with COCO's crowdsourced "
+            "click files (docs/biased-labels.md)"
+        )
     cells = []
     for dataset in plan.datasets:
         fingerprint = _fingerprint(plan, dataset)
-        wanted: list[tuple[str, str]] = []
-        if "linear" in plan.tables:
-            wanted += [("linear", loss) for loss in plan.linear_losses]
-        if "recovery" in plan.tables:
-            wanted += [("recovery", loss) for loss in RECOVERY_LOSSES]
-        if "finetune" in plan.tables:
-            wanted += [("finetune", loss) for loss in plan.finetune_losses]
-        for table, loss in wanted:
-            options = cell_options(plan, table, dataset, loss, fingerprint)
-            cell = Cell(table, dataset, loss, options)
+        for table, loss, observed in wanted_cells(plan, dataset):
+            options = cell_options(plan, table, dataset, loss, fingerprint, observed, plan.val)
+            cell = Cell(table, dataset, loss, options, observed, plan.val)
             path = cell_path(plan, cell)
             if path.exists():
                 record = json.loads(path.read_text())
@@ -169,8 +286,37 @@ def _differences(old: dict, new: dict) -> str:
 # --------------------------------------------------------------------------- jobs
 
 
+def observe_command(plan: Plan, dataset: str, name: str) -> list[str]:
+    """The ``spl data observe`` command that adds the observed set ``name``."""
+    import re
+
+    command = [sys.executable, "-m", "spl", "data", "observe", str(plan.root / dataset)]
+    biased = re.fullmatch(r"(size|location|semantic)-p1-s(\d+)", name)
+    uniform = re.fullmatch(r"uniform-p(\d+|all)-n(\d+|all)-s(\d+)", name)
+    if biased:
+        command += ["--bias", biased[1], "--seed", biased[2]]
+        if biased[1] == "semantic":
+            command += ["--clicks", str(plan.clicks) if plan.clicks else "DIR"]
+    elif uniform:
+        count = {"all": "-1"}
+        command += ["--num-pos", count.get(uniform[1], uniform[1]),
+                    "--num-neg", count.get(uniform[2], uniform[2]), "--seed", uniform[3]]  # fmt: skip
+    else:
+        raise SplError(
+            f"observed set {name!r} is not in {plan.root / dataset / 'labels.h5'} and its name "
+            "does not say how to draw it: add it with `spl data observe` first"
+        )
+    return command
+
+
+def _protocol_flags(observed: str, val: str) -> list[str]:
+    flags = [] if observed == protocol.OBSERVED else ["--observed", observed]
+    return flags + ([] if val == "full" else ["--val", val])
+
+
 def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
-    """Jobs computing the cells that are not done, in stages: features, linear, fine-tune."""
+    """Jobs computing the cells that are not done, in stages: observed sets and features,
+    linear, fine-tune."""
     jobs: list[Job] = []
     todo = [c for c in cells if c.status != "done"]
     python = [sys.executable, "-m", "spl"]
@@ -180,6 +326,13 @@ def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
         if not mine:
             continue
         dataset_dir = str(plan.root / dataset)
+        present = _observed_sets(plan, dataset)
+        if present is not None:
+            for name in dict.fromkeys(c.observed for c in mine):
+                if name not in present:
+                    command = observe_command(plan, dataset, name)
+                    jobs.append(Job(f"observe {dataset} {name}", 0, dataset, [],
+                                    lambda _, c=command: c, "observe"))  # fmt: skip
         features = plan.root / dataset / "features" / f"{plan.tag}.h5"
         if not features.exists():
             extract = [*python, "extract", dataset_dir, "--backbone", plan.backbone,
@@ -189,34 +342,44 @@ def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
             jobs.append(
                 Job(f"extract {dataset}", 0, dataset, [], lambda _, c=extract: c, "extract")
             )
-        # one fit-linear sweep computes every missing linear and recovery cell of a dataset
+        # one fit-linear sweep per observed set computes every missing linear and recovery
+        # cell of a dataset under it
         linear_cells = [c for c in mine if c.table in ("linear", "recovery")]
-        losses = list(dict.fromkeys(c.loss for c in linear_cells))
-        if losses:
+        for observed in dict.fromkeys(c.observed for c in linear_cells):
+            group = [c for c in linear_cells if c.observed == observed]
+            losses = list(dict.fromkeys(c.loss for c in group))
             command = [*python, "fit-linear", dataset_dir, "--features", plan.tag,
                        "--losses", ",".join(losses), "--lrs", _join(plan.linear_lrs),
                        "--batch-sizes", _join(plan.linear_batch_sizes),
                        "--epochs", str(plan.linear_epochs), "--seeds", _join(plan.seeds),
+                       *_protocol_flags(observed, plan.val),
                        "--out", str(plan.runs), "--quiet", *device]  # fmt: skip
-            jobs.append(Job(f"fit-linear {dataset} ({','.join(losses)})", 1, dataset,
-                            linear_cells, lambda _, c=command: c, "linear"))  # fmt: skip
+            where = "" if observed == protocol.OBSERVED else f" [{observed}]"
+            jobs.append(Job(f"fit-linear {dataset}{where} ({','.join(losses)})", 1, dataset,
+                            group, lambda _, c=command: c, "linear"))  # fmt: skip
         for cell in [c for c in mine if c.table == "finetune"]:
-            loss, _, init = cell.loss.partition("+")
+            loss, _, variant = cell.loss.partition("+")
             finetune = [*python, "finetune", dataset_dir, "--loss", loss,
                         "--backbone", plan.backbone, "--image-size", str(plan.image_size),
-                        "--lrs", _join(plan.finetune_lrs),
-                        "--batch-sizes", _join(plan.finetune_batch_sizes),
-                        "--epochs", str(plan.finetune_epochs), "--seeds", _join(plan.seeds),
+                        "--seeds", _join(plan.seeds), *_protocol_flags(cell.observed, cell.val),
                         "--out", str(plan.runs), "--quiet", *device, *plan.finetune_args]  # fmt: skip
+            if variant == "source":
+                # the method's own recipe fixes its lr, batch size, epochs and early stop
+                finetune += ["--recipe", "source"]
+            else:
+                finetune += ["--lrs", _join(plan.finetune_lrs),
+                             "--batch-sizes", _join(plan.finetune_batch_sizes),
+                             "--epochs", str(plan.finetune_epochs)]  # fmt: skip
             if plan.weights:
                 finetune += ["--weights", plan.weights]
-            if init:
+            if variant == "linearinit":
                 fixed = cell.options["linear_phase"]
-                key = f"linearinit {dataset} {loss}"
+                key = f"linearinit {dataset} {loss} {cell.observed}"
                 phase = [*python, "fit-linear", dataset_dir, "--features", plan.tag,
                          "--losses", loss, "--lrs", f"{fixed['lr']:g}",
                          "--batch-sizes", str(fixed["batch_size"]),
                          "--epochs", str(fixed["epochs"]), "--seeds", _join(plan.seeds),
+                         *_protocol_flags(cell.observed, cell.val),
                          "--out", str(plan.runs), "--quiet", *device]  # fmt: skip
                 jobs.append(Job(f"LinearInit linear phase {dataset} {loss}", 1, dataset, [],
                                 lambda _, c=phase: c, "linear", key=key))  # fmt: skip
@@ -225,7 +388,7 @@ def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
                     lambda runs, c=finetune, k=key: [*c, "--init-from", runs[k]], "finetune",
                 ))  # fmt: skip
             else:
-                jobs.append(Job(f"finetune {dataset} {loss}", 2, dataset, [cell],
+                jobs.append(Job(f"finetune {dataset} {cell.loss}", 2, dataset, [cell],
                                 lambda _, c=finetune: c, "finetune"))  # fmt: skip
     return jobs
 
@@ -239,7 +402,8 @@ def describe(plan: Plan, cells: list[Cell], jobs: list[Job]) -> str:
     lines = [f"{'table':<9} {'dataset':<8} {'loss':<18} state"]
     for cell in cells:
         state = cell.status + (f" ({cell.why})" if cell.why else "")
-        lines.append(f"{cell.table:<9} {cell.dataset:<8} {cell.loss:<18} {state}")
+        where = f" [{cell.protocol_dir}]" if cell.protocol_dir else ""
+        lines.append(f"{cell.table:<9} {cell.dataset:<8} {cell.loss:<18} {state}{where}")
     missing = [d for d in plan.datasets if _fingerprint(plan, d) is None]
     if missing:
         lines += ["", "Datasets not prepared (prepare them first):"]
@@ -268,6 +432,8 @@ def run_jobs(plan: Plan, jobs: list[Job], log: Callable[[str], None] = print) ->
     free = list(slots)
     lock = threading.Lock()
     runs: dict[str, str] = {}
+    # `spl data observe` rewrites labels.h5 (copy, add, rename): one at a time per dataset
+    observing = {dataset: threading.Lock() for dataset in plan.datasets}
     (plan.out / "logs").mkdir(parents=True, exist_ok=True)
     journal = plan.out / "logs" / "jobs.jsonl"
 
@@ -282,7 +448,7 @@ def run_jobs(plan: Plan, jobs: list[Job], log: Callable[[str], None] = print) ->
             log_path = plan.out / "logs" / f"{_slug(job.name)}.log"
             start = time.time()
             log(f"start: {job.name}")
-            with open(log_path, "w") as handle:
+            with open(log_path, "w") as handle, _held(observing, job):
                 handle.write(shlex.join(command) + "\n")
                 handle.flush()
                 done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -312,6 +478,13 @@ def run_jobs(plan: Plan, jobs: list[Job], log: Callable[[str], None] = print) ->
         if failures:
             raise failures[0]
     return runs
+
+
+def _held(locks: dict, job: Job):
+    import contextlib
+
+    lock = locks.get(job.dataset) if job.kind == "observe" else None
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def _resume_if_interrupted(plan: Plan, job: Job, command: list[str]) -> list[str]:
@@ -364,6 +537,8 @@ def record_cells(plan: Plan, job: Job, run_dir: Path) -> None:
             "table": cell.table,
             "dataset": cell.dataset,
             "loss": cell.loss,
+            "observed": cell.observed,
+            "val": cell.val,
             "options": cell.options,
             "run": str(run_dir),
             "picked": picked["picked"],
@@ -379,37 +554,106 @@ def record_cells(plan: Plan, job: Job, run_dir: Path) -> None:
 # --------------------------------------------------------------------------- tables
 
 
-def differences(plan: Plan, table: str) -> list[str]:
+def differences(plan: Plan, table: str, observed: str | None = None) -> list[str]:
     """How this reproduction's protocol departs from the paper's, for a table."""
+    observed = plan.observed_name if observed is None else observed
+    if table == "since-2021":
+        # the published numbers come with each method's own recipe: only the features and
+        # the protocol can differ
+        return paper.protocol_differences(
+            "finetune", tag=plan.tag, observed=observed, val=plan.val
+        )  # fmt: skip
     if table == "finetune":
         return paper.protocol_differences(
             table, tag=plan.tag, lrs=plan.finetune_lrs, batch_sizes=plan.finetune_batch_sizes,
-            epochs=plan.finetune_epochs,
+            epochs=plan.finetune_epochs, observed=observed, val=plan.val,
         )  # fmt: skip
     return paper.protocol_differences(
         table, tag=plan.tag, lrs=plan.linear_lrs, batch_sizes=plan.linear_batch_sizes,
-        epochs=plan.linear_epochs,
+        epochs=plan.linear_epochs, observed=observed, val=plan.val,
     )  # fmt: skip
+
+
+def _mine(plan: Plan, cells: list[Cell], observed: str | None = None) -> list[Cell]:
+    observed = plan.observed_name if observed is None else observed
+    return [c for c in cells if c.observed == observed and c.val == plan.val]
 
 
 def build_table(plan: Plan, table: str, cells: list[Cell]) -> dict:
-    mine = [(c.loss, c.dataset, c.status, c.record) for c in cells if c.table == table]
+    fields = report.protocol_fields(plan.observed_name, plan.val)
+    if table == "since-2021":
+        rows = set(plan.since_losses)
+        since = [
+            (c.loss.partition("+")[0], "linear" if c.table == "linear" else "finetune",
+             c.dataset, c.status, c.record)
+            for c in _mine(plan, cells)
+            if c.table in ("linear", "finetune") and c.loss.partition("+")[0] in rows
+            and (c.table == "linear" or c.loss == since_row_key(c.loss.partition("+")[0]))
+        ]  # fmt: skip
+        since.sort(key=lambda c: plan.since_losses.index(c[0]))
+        return report.build_since_table(
+            plan.datasets, since, LOSSES, tag=plan.tag, seeds=plan.seeds,
+            differences=differences(plan, table), protocol=fields,
+        )  # fmt: skip
+    if table == "label-bias":
+        kinds = plan.bias_kinds()
+        drawn = {bias_set(k, plan.observed_seed): k for k in kinds}
+        rows = label_bias_rows(plan)
+        mine = [
+            (c.loss, drawn[c.observed], c.status, c.record)
+            for c in cells
+            if c.table == "linear" and c.dataset == BIAS_DATASET and c.observed in drawn
+            and c.val == plan.val and c.loss in rows
+        ]  # fmt: skip
+        mine.sort(key=lambda c: rows.index(c[0]))
+        data = report.build_table(
+            "label-bias", kinds, mine, LOSSES, tag=plan.tag, seeds=plan.seeds,
+            protocol=report.protocol_fields("biased draws (see columns)", plan.val),
+        )  # fmt: skip
+        data["dataset"] = BIAS_DATASET
+        data["observed_sets"] = drawn
+        data["protocol"] = (
+            f"{BIAS_DATASET}: one single positive per training image drawn uniformly or "
+            "in proportion to the class's total segment area (size), to the sum of 1 / "
+            "distance of its boxes' centres to the image centre (location), or to the class's "
+            "crowdsourced-click weight (semantic); docs/biased-labels.md. Observed sets: "
+            + ", ".join(f"{k} `{name}`" for name, k in drawn.items())
+            + ". "
+            + report.protocol_text("(each column's)", plan.val).split("; ", 1)[1]
+        )
+        return data
+    mine = [(c.loss, c.dataset, c.status, c.record) for c in _mine(plan, cells) if c.table == table]
     return report.build_table(
         table, plan.datasets, mine, LOSSES, tag=plan.tag, seeds=plan.seeds,
-        differences=differences(plan, table),
+        differences=differences(plan, table), protocol=fields,
     )  # fmt: skip
+
+
+def table_stem(plan: Plan, table: str) -> str:
+    """A table's file name: the paper's protocol keeps the plain names; another protocol
+    adds its observed set and val labels (``linear.size-p1-s1200.val-observed``)."""
+    if table == "label-bias":
+        return table if plan.val == "full" else f"{table}.val-{plan.val}"
+    if plan.default_protocol:
+        return table
+    return f"{table}.{plan.observed_name}.val-{plan.val}"
 
 
 def write_tables(plan: Plan, cells: list[Cell]) -> list[Path]:
     written = []
     for table in plan.tables:
         data = build_table(plan, table, cells)
+        markdown = (
+            report.render_since_markdown(data)
+            if table == "since-2021"
+            else report.render_markdown(data)
+        )
         for suffix, text in (
-            ("md", report.render_markdown(data)),
+            ("md", markdown),
             ("csv", report.render_csv(data)),
             ("json", report.render_json(data)),
         ):
-            path = plan.out / f"{table}.{suffix}"
+            path = plan.out / f"{table_stem(plan, table)}.{suffix}"
             write_text_atomic(path, text)
             written.append(path)
     return written
@@ -427,8 +671,8 @@ def write_figure(plan: Plan, cells: list[Cell]) -> Path | None:
     )
     panels = []
     for loss in ("an", "role"):
-        cell = next((c for c in cells if c.table in ("linear", "recovery") and c.dataset == dataset
-                     and c.loss == loss and c.status == "done"), None)  # fmt: skip
+        cell = next((c for c in _mine(plan, cells) if c.table in ("linear", "recovery")
+                     and c.dataset == dataset and c.loss == loss and c.status == "done"), None)  # fmt: skip
         if cell is None:
             continue
         head = cell.record["picked"][0]["head"]
@@ -439,7 +683,8 @@ def write_figure(plan: Plan, cells: list[Cell]) -> Path | None:
             panels.append((f"{LOSSES[loss].title} label estimator", estimates))
     if not panels:
         return None
-    path = plan.out / "figure_unobserved_positives.png"
+    stem = "" if plan.default_protocol else f".{plan.observed_name}.val-{plan.val}"
+    path = plan.out / f"figure_unobserved_positives{stem}.png"
     return path if report.save_figure(path, dataset, panels) else None
 
 
@@ -465,6 +710,8 @@ def reproduce(plan: Plan, *, dry_run: bool = False, log: Callable[[str], None] =
 
 def _cell_value(cells: list[Cell], table: str, dataset: str, loss: str, column: str):
     for cell in cells:
+        if cell.protocol_dir:
+            continue  # the paper's findings are checked under the paper's protocol
         if (cell.table, cell.dataset, cell.loss, cell.status) == (table, dataset, loss, "done"):
             return cell.record[column][0] if column in cell.record else None
     return None
@@ -496,7 +743,8 @@ def paper_agreement(cells: list[Cell]) -> list[str]:
             c.loss: c
             for c in cells
             if c.dataset == dataset and c.table == "recovery" and c.status == "done"
-        }
+            and not c.protocol_dir
+        }  # fmt: skip
         if "role" in done and "an" in done:
             role, an_mean = hidden_positive_mean(done["role"]), hidden_positive_mean(done["an"])
             if role is not None and an_mean is not None:

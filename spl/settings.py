@@ -507,8 +507,25 @@ class PredictSettings:
     output: Path | None = setting(None, path="file", help="Write here [stdout].")
 
 
-TABLES = ("linear", "finetune", "recovery")
+TABLES = ("linear", "finetune", "recovery")  # the paper's; `--table all`
+MORE_TABLES = ("since-2021", "label-bias")
 DATASETS = (*protocol.PAPER_DATASETS, "demo")
+BIAS_KINDS = ("uniform", "size", "location", "semantic")
+
+
+def _tables(text: Any, option: str) -> list[str]:
+    items = names(text, option)
+    if items == ["all"]:
+        return list(TABLES)
+    return _one_of((*TABLES, *MORE_TABLES), "table")(text, option)
+
+
+def _since_rows(text: Any, option: str) -> list[str] | None:
+    from spl.fit.losses import LOSSES
+
+    if text is None or text == "":
+        return None
+    return _one_of(tuple(LOSSES), "loss")(text, option)
 
 
 def _one_of(valid: tuple[str, ...], what: str, all_name: str | None = None):
@@ -539,10 +556,13 @@ class ReproduceSettings:
 
     tables: list[str] = setting(
         factory=lambda: list(TABLES),
-        parse=_one_of(TABLES, "table", "all"),
+        parse=_tables,
         flag="--table",
         show_default="all",
-        help="linear, finetune, recovery or all (comma list allowed).",
+        help="linear, finetune, recovery (all: these three, the paper's), since-2021 (the "
+        "methods since the paper, linear and fine-tuned with each release's recipe, beside "
+        "their published numbers) or label-bias (COCO: uniform / size / location / semantic "
+        "single positives side by side); comma list allowed.",
     )
     datasets: list[str] = setting(
         factory=lambda: list(protocol.PAPER_DATASETS),
@@ -587,6 +607,30 @@ class ReproduceSettings:
     jobs: int | None = setting(None, parse=at_least(1), help="Parallel jobs [one per GPU, else 1].")
     figure_dataset: str | None = setting(
         None, help="Dataset of the histogram figure [coco14 if present]."
+    )
+    observed: str = setting(
+        "uniform",
+        help="Observed single positives the tables are made under: uniform (the paper's "
+        "set), size, location or semantic (a biased draw, COCO; added with `spl data "
+        "observe --bias` when missing), or any observed-set name in labels.h5.",
+    )
+    observed_seed: int = setting(
+        protocol.LABEL_SEED, help="Seed of the biased draws (--observed size|location|semantic)."
+    )
+    val: str = setting(
+        "full",
+        choices=("full", "observed"),
+        help="Select epochs and configurations on the val split's full labels (the paper's) "
+        "or its observed single positives.",
+    )
+    clicks: Path | None = setting(
+        None,
+        path="dir",
+        help="COCO's crowdsourced click files, for the semantic draw (--observed semantic; "
+        "the label-bias table's semantic column).",
+    )
+    since_losses: list[str] | None = setting(
+        None, parse=_since_rows, help="Rows of the since-2021 table [its nine methods, AN, ROLE]."
     )
     dry_run: bool = setting(False, help="List the cells, their state and the commands.")
 

@@ -5,12 +5,19 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from spl.data.demo import build_demo
 from spl.data.prepared import write_prepared
 
 from conftest import invoke
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
 
 SIZE = 32
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", SIZE, "--linear-epochs", 3,
@@ -119,3 +126,143 @@ def test_bad_input_lists_the_valid_choices(root, runner, tmp_path):
     assert "unknown backbone 'resnet5'; available: resnet50" in result.output
     result = _reproduce(runner, root, tmp_path, "--datasets", "coco14", ok=False)
     assert "not prepared: coco14" in result.output
+
+
+# ----------------------------------------------------------------------------- since 2021
+
+
+@pytest.mark.slow
+def test_since_2021_table_pairs_linear_and_source_recipe_cells(root, runner, tmp_path):
+    result = _reproduce(runner, root, tmp_path, "--table", "since-2021", "--datasets", "voc12",
+                        "--since-losses", "em,an", "--finetune-lrs", "1e-4",
+                        "--finetune-batch-sizes", 16, "--finetune-epochs", 1)  # fmt: skip
+    tables = tmp_path / "tables"
+    jobs = {j["job"] for j in _journal(tmp_path)}
+    assert {"finetune voc12 em+source", "finetune voc12 an"} <= jobs
+    assert "| EM |" in result.output
+    em_log = next((tables / "logs").glob("finetune-voc12-em-source*.log")).read_text()
+    assert "--recipe source" in em_log.splitlines()[0] and "--lrs" not in em_log.splitlines()[0]
+    linear = json.loads((tables / "cells" / "linear" / "voc12" / "em.json").read_text())
+    tuned = json.loads((tables / "cells" / "finetune" / "voc12" / "em_source.json").read_text())
+    from spl.fit.recipes import source_recipe
+
+    assert tuned["options"]["recipe"]["lr"] == source_recipe("em", "voc12").lr
+    data = json.loads((tables / "since-2021.json").read_text())
+    em = next(r for r in data["rows"] if r["loss"] == "em")
+    assert em["cells"]["voc12/linear"]["mean"] == pytest.approx(linear["test_map"][0])
+    assert em["cells"]["voc12/linear"]["paper"] is None  # nobody publishes linear probes
+    assert em["cells"]["voc12/finetune"]["mean"] == pytest.approx(tuned["test_map"][0])
+    assert em["cells"]["voc12/finetune"]["paper"] == 89.09  # EM's published VOC number
+    an = next(r for r in data["rows"] if r["loss"] == "an")
+    assert an["cells"]["voc12/linear"]["paper"] == 84.2 and an["recipe"] == "paper"
+    assert an["cells"]["voc12/finetune"]["paper"] == 85.1
+    markdown = (tables / "since-2021.md").read_text()
+    assert "| EM |" in markdown and "/ 89.1 (" in markdown and "Protocol:" in markdown
+    # everything is done: a rerun plans nothing
+    again = _reproduce(runner, root, tmp_path, "--table", "since-2021", "--datasets", "voc12",
+                       "--since-losses", "em,an", "--finetune-lrs", "1e-4",
+                       "--finetune-batch-sizes", 16, "--finetune-epochs", 1, "--dry-run")  # fmt: skip
+    assert "Every cell is done." in again.output
+
+
+def test_since_2021_dry_run_plans_every_method_with_its_recipe(root, runner, tmp_path):
+    from spl.fit.losses import SINCE_2021
+
+    result = _reproduce(runner, root, tmp_path, "--table", "since-2021", "--datasets", "voc12",
+                        "--dry-run")  # fmt: skip
+    lines = result.output.splitlines()
+    (sweep,) = [line for line in lines if "spl fit-linear" in line]
+    assert f"--losses {','.join([*SINCE_2021, 'an', 'role'])} " in sweep  # one pass
+    for key in SINCE_2021:
+        (command,) = [line for line in lines if "finetune /" in line and f"--loss {key} " in line]
+        assert "--recipe source" in command and "--epochs" not in command
+    (an,) = [line for line in lines if "spl finetune" in line and "--loss an " in line]
+    assert "--recipe" not in an and "--epochs 10" in an
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def _biased_coco(tmp_path) -> Path:
+    """A prepared coco14 with random instances (areas, boxes) on 90 + 40 images, and click
+    files: every biased draw can be made from it."""
+    from rawfixtures import COCO_CATEGORIES, write_clicks, write_coco
+
+    rng = np.random.RandomState(0)
+    phases, clicks = {}, []
+    for phase, ids in (("train2014", range(1, 91)), ("val2014", range(500, 540))):
+        images, annotations = [], []
+        for image_id in ids:
+            images.append((image_id, 40, 30))
+            for category in rng.choice([1, 3, 18], size=rng.randint(1, 4), replace=False):
+                x, y = rng.randint(0, 30), rng.randint(0, 20)
+                annotations.append({"image_id": image_id, "category_id": int(category),
+                                    "area": float(rng.randint(1, 300)),
+                                    "bbox": [x, y, 10, 10]})  # fmt: skip
+                if phase == "val2014":
+                    clicks.append((image_id, int(category), rng.rand(), rng.rand()))
+        phases[phase] = {"images": images, "annotations": annotations}
+    write_coco(tmp_path / "raw", phases, COCO_CATEGORIES)
+    names = ["crowdsourcing_annotate_category_val2014.json",
+             "crowdsourcing_instance_spotting_val2014.json"]  # fmt: skip
+    write_clicks(tmp_path / "clicks", {name: clicks for name in names})
+    invoke(CliRunner(), ["data", "prepare", "coco14", "--source", tmp_path / "raw",
+                         "--root", tmp_path / "root"])  # fmt: skip
+    return tmp_path / "root"
+
+
+def test_other_protocols_are_planned_with_their_observed_set_and_val(root, runner, tmp_path):
+    coco_root = _biased_coco(tmp_path)
+    result = invoke(runner, ["reproduce", "--root", coco_root, "--runs", tmp_path / "runs",
+                             "--out", tmp_path / "tables", *FAST, "--table", "linear",
+                             "--datasets", "coco14", "--observed", "size", "--val", "observed",
+                             "--dry-run"])  # fmt: skip
+    lines = result.output.splitlines()
+    assert any("spl data observe" in line and "--bias size --seed 1200" in line for line in lines)
+    (sweep,) = [line for line in lines if "spl fit-linear" in line]
+    assert "--observed size-p1-s1200 --val observed" in sweep
+    assert "iu," not in sweep  # IU's negatives come from the uniform set: not under a bias
+    assert any(line.startswith("linear    coco14   an") and "[size-p1-s1200.val-observed]" in line
+               for line in lines)  # fmt: skip
+    refused = invoke(runner, ["reproduce", "--root", coco_root, *FAST, "--table", "linear",
+                              "--datasets", "coco14", "--observed", "semantic", "--dry-run"],
+                     ok=False)  # fmt: skip
+    assert "--observed semantic needs --clicks DIR" in refused.output
+    refused = _reproduce(runner, root, tmp_path, "--table", "label-bias", "--datasets", "voc12",
+                         "--dry-run", ok=False)  # fmt: skip
+    assert "--table label-bias needs coco14 among --datasets" in refused.output
+
+
+@pytest.mark.slow
+def test_label_bias_table_lays_the_draws_side_by_side(runner, tmp_path):
+    from spl.data.prepared import load_prepared
+
+    coco_root = _biased_coco(tmp_path)
+    invoke(runner, ["reproduce", "--root", coco_root, "--runs", tmp_path / "runs",
+                    "--out", tmp_path / "tables", *FAST, "--table", "label-bias,linear",
+                    "--datasets", "coco14", "--clicks", tmp_path / "clicks"])  # fmt: skip
+    prepared = load_prepared(coco_root / "coco14")
+    sets = {"uniform": "uniform-p1-n0-s1200", "size": "size-p1-s1200",
+            "location": "location-p1-s1200", "semantic": "semantic-p1-s1200"}  # fmt: skip
+    assert set(sets.values()) <= set(prepared.observed)  # the observe jobs added them
+    tables = tmp_path / "tables"
+    data = json.loads((tables / "label-bias.json").read_text())
+    assert data["datasets"] == list(sets) and data["dataset"] == "coco14"
+    assert [r["loss"] for r in data["rows"]] == ["an", "an_ls", "wan", "epr", "role"]
+    for row in data["rows"]:
+        for kind, name in sets.items():
+            folder = tables / "cells" / (f"{name}.val-full" if kind != "uniform" else "")
+            record = json.loads((folder / "linear" / "coco14" / f"{row['loss']}.json").read_text())
+            assert record["observed"] == name
+            assert row["cells"][kind]["mean"] == pytest.approx(record["test_map"][0])
+            run = read_csv_rows(Path(record["run"]) / "results.csv")
+            assert {r["observed"] for r in run} == {name}
+    # the uniform column is the linear table's cell: computed once
+    linear = json.loads((tables / "linear.json").read_text())
+    an = next(r for r in linear["rows"] if r["loss"] == "an")
+    assert an["cells"]["coco14"]["mean"] == data["rows"][0]["cells"]["uniform"]["mean"]
+    markdown = (tables / "label-bias.md").read_text()
+    assert "| loss | uniform |" in markdown.replace("uniform, paper's ranking", "")
+    assert "size `size-p1-s1200`" in markdown
+    fits = [j for j in _journal(tmp_path) if j["job"].startswith("fit-linear")]
+    assert len(fits) == 4  # one sweep per observed set
