@@ -266,3 +266,18 @@ def test_label_bias_table_lays_the_draws_side_by_side(runner, tmp_path):
     assert "size `size-p1-s1200`" in markdown
     fits = [j for j in _journal(tmp_path) if j["job"].startswith("fit-linear")]
     assert len(fits) == 4  # one sweep per observed set
+
+
+def test_the_demo_trains_the_methods_since_the_paper_in_its_linear_sweep(tmp_path):
+    from spl.demo import demo_plan
+    from spl.fit.losses import PAPER_LOSSES, SINCE_2021
+    from spl.reproduce import reproduce
+
+    plan = demo_plan(tmp_path, image_size=64, finetune_epochs=3, device="cpu")
+    planned = reproduce(plan, dry_run=True)
+    linear = [c.loss for c in planned["cells"] if c.table == "linear"]
+    assert linear == [*PAPER_LOSSES, *SINCE_2021]
+    (sweep,) = [j for j in planned["jobs"] if j.kind == "linear" and not j.key]
+    command = sweep.command({})
+    assert command[command.index("--losses") + 1] == ",".join([*PAPER_LOSSES, *SINCE_2021])
+    assert command[command.index("--epochs") + 1] == "25"  # the paper's protocol in full
