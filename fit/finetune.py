@@ -6,7 +6,9 @@ The grid, the run directory and the files belong to ``spl.finetune``; this modul
 it builds the optimiser, trains epoch by epoch (BatchNorm in train mode, the epoch's
 augmentation seeded by (seed, epoch)), keeps the best-val weights and scores the test
 split once with them. The loss's state (ROLE's label estimator) trains beside the network;
-under torchrun, DDP averages both.
+under torchrun, DDP averages both, and every process applies every process's after-step
+update (LL-Cp's flips) and labels from the same gathered scores (APL), so that the state
+is the same on all of them.
 """
 
 from __future__ import annotations
@@ -155,6 +157,15 @@ def gather_by_index(
         dist.all_gather_object(parts, (indices, logits))
         indices = torch.cat([p[0] for p in parts])
         logits = torch.cat([p[1] for p in parts])
+        # Each repeat keeps its first score in rank order: the ranks score a repeated row
+        # differently (their BatchNorm statistics differ after a training epoch, and the
+        # training rows are read with a random flip), and an indexed write of repeated
+        # rows keeps any one of them, while every rank must place the same.
+        order = torch.argsort(indices, stable=True)
+        ordered = indices[order]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        indices, logits = ordered[first], logits[order[first]]
     out = torch.full((size, logits.shape[-1]), float("nan"))
     out[indices] = logits
     missing = torch.isnan(out).any(dim=1)
@@ -179,6 +190,15 @@ def split_logits(
 
 def split_map(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float(mean_average_precision(logits, torch.from_numpy(labels.astype(np.float32))))
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """``value`` (tensors in dicts, or None) with its tensors on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {name: _to(item, device) for name, item in value.items()}
+    return value
 
 
 def _copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -309,6 +329,7 @@ class FineTuner:
             stats = self._train_epoch(
                 model, optimizer, data.train_loader(self.batch_size, self.seed, epoch), device,
                 epoch, prepare=data.prepare(train=True, generator=generator), on_step=on_step,
+                world=procs.world,
             )  # fmt: skip
             self._end_epoch(trainable, data, epoch)
             val_map = split_map(self._logits(data, "val"), val_labels)
@@ -356,7 +377,9 @@ class FineTuner:
             channels_last=self.channels_last,
         )  # fmt: skip
 
-    def _train_epoch(self, model, optimizer, loader, device, epoch, *, prepare, on_step) -> dict:
+    def _train_epoch(
+        self, model, optimizer, loader, device, epoch, *, prepare, on_step, world: int = 1
+    ) -> dict:
         """One pass over the training loader; BatchNorm in train mode (paper.md section 3)."""
         model.train()
         if self.freeze_batchnorm:
@@ -389,7 +412,9 @@ class FineTuner:
             optimizer.step()
             if self.scheduler_ is not None:
                 self.scheduler_.step()
-            if hooked:
+            if hooked and world > 1:
+                self._after_every_step(index, logits.detach().float()[None], batch, world)
+            elif hooked:
                 self.loss.after_step(
                     self.model_.state(), rows=index, logits=logits.detach().float()[None],
                     batch=batch,
@@ -402,6 +427,32 @@ class FineTuner:
                 on_step(step, waited, time.perf_counter() - start)
             wait_start = time.perf_counter()
         return {"train_loss": total / max(steps, 1), "steps": steps}
+
+    def _after_every_step(
+        self, rows: torch.Tensor, logits: torch.Tensor, batch: Batch, world: int
+    ) -> None:
+        """The loss's after-step update (LL-Cp's permanent flips) of every process's batch, on
+        every process, so that the loss's state stays the same on all of them: each rank's
+        part in rank order, as one process applying those batches in turn would. A part is
+        the batch its rank's loss saw (rows, logits, observed, labels, state rows), whatever
+        its size and even where parts repeat a row."""
+        import torch.distributed as dist
+
+        state = self.model_.state()
+        device = rows.device
+        mine = {
+            "rows": rows, "logits": logits, "observed": batch.observed, "labels": batch.labels,
+            "state": {name: t.detach() for name, t in batch.state.items()},
+        }  # fmt: skip
+        parts: list = [None] * world
+        dist.all_gather_object(parts, _to(mine, "cpu"))
+        for part in parts:
+            part = _to(part, device)
+            self.loss.after_step(
+                state, rows=part["rows"], logits=part["logits"],
+                batch=Batch(part["observed"], part["labels"], batch.epoch, batch.num_epochs,
+                            part["state"]),
+            )  # fmt: skip
 
     def _end_epoch(self, trainable: Trainable, data: ImageSplits, epoch: int) -> None:
         scores = None
