@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from spl.data.sampling import observe_uniform  # noqa: E402
 from spl.fit.engine import StackedHeads  # noqa: E402
-from spl.fit.losses import LOSSES  # noqa: E402
+from spl.fit.losses import LOSSES, Scores  # noqa: E402
 
 FAILURES: list[str] = []
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # `cpu` tries the script here
@@ -47,8 +47,12 @@ def engine_checks() -> None:
     X = (labels @ centers + 0.5 * rng.randn(n, d)).astype(np.float32)
     observed, observed_iu = observe_uniform(labels, 1, 0), observe_uniform(labels, 1, 1)
     kwargs = dict(losses=list(LOSSES), lrs=[1e-2, 1e-3], batch_sizes=[8, 16], epochs=3,
-                  expected_positives=1.8)  # fmt: skip
-    fit = dict(labels=labels, X_val=X[:100], Y_val=labels[:100], observed_iu=observed_iu)
+                  expected_positives=1.8, loss_options={"gpr": {"grid": 2}})  # fmt: skip
+    # cosines leaning towards the labels, for VLPL's and AEVLP's pseudo-labels
+    image = 0.2 + 0.05 * labels + 0.02 * rng.randn(n, num_classes)
+    scores = Scores(torch.tensor(image), torch.tensor(image[:, None] + 0.03 * rng.randn(n, 4, 7)))
+    fit = dict(labels=labels, X_val=X[:100], Y_val=labels[:100], observed_iu=observed_iu,
+               scores=scores)  # fmt: skip
     reference = StackedHeads(device="cpu", dtype=torch.float64, **kwargs).fit(X, observed, **fit)
     for graphs in (False, True):
         start = time.perf_counter()

@@ -38,6 +38,7 @@ from spl.fit.losses import (
     Batch,
     Context,
     Loss,
+    Scores,
     get_loss,
     log_neg,
     log_pos,
@@ -597,6 +598,7 @@ class StackedHeads:
         state: dict | None = None,
         on_epoch: Callable[[StackedHeads, dict], None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        scores: Scores | np.ndarray | torch.Tensor | None = None,
     ) -> StackedHeads:
         """Train every head; ``state`` (from :meth:`state_dict`) resumes an interrupted sweep.
 
@@ -605,9 +607,11 @@ class StackedHeads:
         ``observed_iu`` is the observed set with negatives (1 positive + 1 negative per
         image) that losses training on observed negatives (IU) see. With ``X_test`` and
         ``Y_test`` the test split is scored once with every head's best weights:
-        :attr:`results_`, :attr:`per_class_ap_`.
+        :attr:`results_`, :attr:`per_class_ap_`. ``scores`` are a vision-language model's
+        scores of the training rows, for the losses that train on pseudo-labels from them
+        (VLPL, AEVLP): a :class:`~spl.fit.losses.Scores`, or the whole-image cosines ``[N, L]``.
         """
-        self._setup(X, observed, labels, X_val, Y_val, observed_iu, state)
+        self._setup(X, observed, labels, X_val, Y_val, observed_iu, state, scores=scores)
         self.train_seconds_ = 0.0
         with fused.denormals_flushed(self.device_.type == "cpu" and self.flush_denormals):
             for group in self.groups_:
@@ -667,7 +671,7 @@ class StackedHeads:
 
     # ------------------------------------------------------------------ internals
 
-    def _setup(self, X, observed, labels, X_val, Y_val, observed_iu, state) -> None:
+    def _setup(self, X, observed, labels, X_val, Y_val, observed_iu, state, scores=None) -> None:
         """Check the inputs, put the data on the device and build the groups."""
         for key in self.losses:
             get_loss(key)
@@ -679,7 +683,11 @@ class StackedHeads:
         labels = _tensor(labels, dtype, device)
         num_rows, num_features = X.shape[0], X.shape[1] - 1
         num_classes = observed.shape[1]
-        context = Context(num_classes, self.expected_positives, self.dataset)
+        if scores is not None and not isinstance(scores, Scores):
+            scores = Scores(
+                torch.as_tensor(np.asarray(scores) if not torch.is_tensor(scores) else scores)
+            )
+        context = Context(num_classes, self.expected_positives, self.dataset, scores)
         self.losses_ = make_losses(self.losses, self.loss_options, context)
         for loss in self.losses_.values():
             loss.check_epochs(self.epochs)

@@ -71,6 +71,8 @@ EM_SOURCE = "Correr-Zhou/SPML-AckTheUnknown main.py:126-134, 213, 323-372"
 LL_SOURCE = "snucml/LargeLossMatters config.py, train.py:31-40, 108; issue #4"
 GR_SOURCE = "yan4xi1/GRLoss config.py:78-102, train.py:158"
 RL_SOURCE = "xinyu1205/robust-loss-mlml train.py:89-126"
+VLPL_SOURCE = "mvrl/VLPL main_clip.py:153-158, 299-360"
+AEVLP_SOURCE = "Fsoft-AIC/AEVLP configs/*.json, train.py:30-35, 228"
 RL_DEPARTURES = (
     "no EMA of the weights (the release reports the better of the model and its EMA 0.9997)",
     "the paper's augmentation (flip) instead of CutoutPIL + RandAugment",
@@ -107,6 +109,19 @@ def _rl(dataset: str) -> Recipe:
                   schedule_epochs=80, pct_start=0.2, departures=RL_DEPARTURES)  # fmt: skip
 
 
+def _vlpl(dataset: str) -> Recipe:
+    # Batch 8 everywhere; one Adam at one lr; 10 epochs with the early stop commented out
+    # (the best val epoch is kept).
+    return Recipe(VLPL_SOURCE, 1e-4 if dataset == "cub" else 1e-5, 8, 10)
+
+
+def _aevlp(dataset: str) -> Recipe:
+    batch, epochs = {"voc12": (8, 8), "coco14": (16, 8), "nuswide": (16, 10),
+                     "cub": (8, 10)}.get(dataset, (8, 8))  # fmt: skip
+    stop = EarlyStop(max_drop=2.0, patience=2)
+    return Recipe(AEVLP_SOURCE, 1e-5, batch, epochs, head_lr_multiplier=10.0, early_stop=stop)
+
+
 # The paper's protocol, for one configuration of its grid (the grid itself is the command's).
 PAPER_RECIPE = Recipe("Cole et al., CVPR 2021 (paper.md section 5)", 1e-4, 8, 10)
 
@@ -115,6 +130,7 @@ RECIPES = {
     "ll_r": _ll, "ll_ct": _ll, "ll_cp": _ll,
     "gr": _gr,
     "hill": _rl, "splc": _rl, "asl": _rl,
+    "em_pl": _vlpl, "gpr": _aevlp,
 }  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from spl.fit.losses import (
     WITH_NEGATIVES,
     Batch,
     Context,
+    Scores,
     estimator_init,
     get_loss,
     pseudo_negative_mask,
@@ -38,7 +39,16 @@ def synthetic(n=120, d=16, num_classes=5, seed=0):
     return X.astype(np.float32), labels
 
 
-OPTIONS = {"em_apl": {"warmup": 1}}  # APL labels after every epoch of the short runs here
+# APL labels after every epoch of the short runs here; AEVLP's DAMP on 2 x 2 tiles.
+OPTIONS = {"em_apl": {"warmup": 1}, "gpr": {"grid": 2, "threshold": 0.3}}
+
+
+def vision_language_scores(labels, seed=0):
+    """Cosines that lean towards the true labels, for the losses with pseudo-labels."""
+    rng = np.random.RandomState(seed)
+    image = 0.2 + 0.05 * labels + 0.02 * rng.randn(*labels.shape)
+    tiles = image[:, None] + 0.03 * rng.randn(len(labels), 4, labels.shape[1])
+    return Scores(torch.tensor(image), torch.tensor(tiles))
 
 
 def apl_update(targets, scores, observed, counts, remaining):
@@ -69,10 +79,12 @@ def ll_cp_flips(logits, observed, flipped, rows, delta):
 def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
     """One head alone: nn.Linear, torch.optim.Adam (default settings), the same batches; the
     paper's constants written out here (ROLE's estimator at 10 x lr, a pseudo-negative
-    fraction of 0.5), and the state updates of EM + APL and LL-Cp."""
+    fraction of 0.5), the state updates of EM + APL and LL-Cp, and VLPL's and AEVLP's
+    pseudo-labels, computed once from the scores."""
     X = torch.tensor(X, dtype=torch.float64)
     num_classes = observed.shape[1]
     loss = get_loss(key).make(OPTIONS.get(key), Context(num_classes, K))
+    scores = vision_language_scores(labels)
     head = torch.nn.Linear(X.shape[1], num_classes).double()
     weight, bias = initial_head(X.shape[1], num_classes, seed)
     with torch.no_grad():
@@ -91,6 +103,9 @@ def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
     targets = torch.full(obs.shape, math.nan, dtype=torch.float64)  # EM + APL
     counts = (obs == 0).sum(0)
     flipped = torch.zeros(obs.shape, dtype=torch.bool)  # LL-Cp
+    if loss.reads_scores:
+        masks = [m.double() for m in loss.pseudo_labels(obs, scores)]
+        assert masks[0].sum() > 0  # the pseudo-positive terms are exercised
     for epoch in range(epochs):
         eta = pseudo_negative_mask(tuple(obs.shape), 0.5, seed, epoch + 1)
         for rows in epoch_batches(len(X), bs, seed, epoch):
@@ -98,6 +113,8 @@ def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
                      "flipped": flipped[rows]}  # fmt: skip
             if theta is not None:
                 state["estimates"] = theta[rows]
+            if loss.reads_scores:
+                state = {"pseudo_positives": masks[0][rows], "pseudo_negatives": masks[1][rows]}
             batch = Batch(obs[rows], full[rows], epoch + 1, epochs, state)
             optimizer.zero_grad()
             logits = head(X[rows])
@@ -140,7 +157,10 @@ def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeyp
         device="cpu",
         dtype=dtype,
         update=update,
-    ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu)
+    ).fit(
+        X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu,
+        scores=vision_language_scores(labels),
+    )  # fmt: skip
     modes = {g.update_mode for g in model.groups_}
     assert modes == ({update} if update != "auto" else modes) and modes <= set(fused.UPDATE_MODES)
     assert len(model.heads_) == len(losses) * 4

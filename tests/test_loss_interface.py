@@ -11,7 +11,7 @@ import torch
 
 from spl.data.sampling import observe_uniform
 from spl.fit.engine import StackedHeads, epoch_batches, gradient_route
-from spl.fit.losses import LOSSES, Batch, Context, get_loss, loss, parse_loss_options
+from spl.fit.losses import LOSSES, Batch, Context, Scores, get_loss, loss, parse_loss_options
 
 from conftest import REPO, invoke
 
@@ -30,13 +30,19 @@ def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
     weights, the fused closed form, autograd) equals autograd of the loss's own value, for
     the logits and for trainable state."""
     X, labels, observed, observed_iu = _data(seed)
+    rng = np.random.RandomState(seed)
+    image = 0.2 + 0.05 * labels + 0.02 * rng.randn(*labels.shape)  # cosines for VLPL, AEVLP
+    scores = Scores(torch.tensor(image), torch.tensor(image[:, None] + 0.03 * rng.randn(96, 4, 6)))
     model = StackedHeads(
         losses=list(LOSSES), lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=3, expected_positives=1.7,
-        device="cpu", dtype=torch.float64, loss_options={"em_apl": {"warmup": 1}},
+        device="cpu", dtype=torch.float64,
+        loss_options={"em_apl": {"warmup": 1}, "gpr": {"grid": 2, "threshold": 0.3}},
     )  # fmt: skip
     # train a little first, so that logits and ROLE's estimates are not at their start
-    model.fit(X, observed, labels=labels, X_val=X[:30], Y_val=labels[:30], observed_iu=observed_iu)
-    model._setup(X, observed, labels, X[:30], labels[:30], observed_iu, model.state_dict())
+    model.fit(X, observed, labels=labels, X_val=X[:30], Y_val=labels[:30], observed_iu=observed_iu,
+              scores=scores)  # fmt: skip
+    model._setup(X, observed, labels, X[:30], labels[:30], observed_iu, model.state_dict(),
+                 scores=scores)  # fmt: skip
     (group,) = model.groups_
     epoch = 2
     for slot in group.slots.values():

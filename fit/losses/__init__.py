@@ -27,6 +27,7 @@ from spl.fit.losses.base import (
     Context,
     FusedStep,
     Loss,
+    Scores,
     coerce_option,
     describe_options,
     expected_positive_penalty,
@@ -40,6 +41,7 @@ from spl.fit.losses.large_loss import LLR, LLCp, LLCt, clean_rate
 from spl.fit.losses.ranking import PR
 from spl.fit.losses.robust import ASL, GR, SPLC, Hill, gr_schedule
 from spl.fit.losses.role import ROLE, estimator_from_probabilities, estimator_init
+from spl.fit.losses.vision_language import EMPL, GPR
 
 REGISTRY: tuple[type[Loss], ...] = (
     # the paper's table, in its row order
@@ -48,18 +50,22 @@ REGISTRY: tuple[type[Loss], ...] = (
     PR, PseudoNegatives,
     # methods since the paper (methods.md)
     EM, EMAPL, LLR, LLCt, LLCp, GR, Hill, SPLC, ASL,
+    # methods since the paper that train on a vision-language model's scores (--scores)
+    EMPL, GPR,
 )  # fmt: skip
 LOSSES: dict[str, type[Loss]] = {cls.key: cls for cls in REGISTRY}
 PAPER_LOSSES = [key for key, cls in LOSSES.items() if cls.in_paper]
 SINCE_2021 = ["em", "em_apl", "ll_r", "ll_ct", "ll_cp", "gr", "hill", "splc", "asl"]
+VISION_LANGUAGE = [key for key, cls in LOSSES.items() if cls.reads_scores]  # need --scores
 # Names for sets of losses in --losses: each expands to its keys.
 GROUPS: dict[str, list[str]] = {
-    "paper": PAPER_LOSSES, "since-2021": SINCE_2021, "all": list(LOSSES),
+    "paper": PAPER_LOSSES, "since-2021": SINCE_2021, "vlm": VISION_LANGUAGE, "all": list(LOSSES),
 }  # fmt: skip
 
 __all__ = [
     "LOG_EPSILON", "SINGLE_POSITIVE", "WITH_NEGATIVES", "Batch", "Context", "FusedStep",
-    "Loss", "LOSSES", "PAPER_LOSSES", "SINCE_2021", "GROUPS", "REGISTRY", "describe_options",
+    "Loss", "LOSSES", "PAPER_LOSSES", "SINCE_2021", "VISION_LANGUAGE", "GROUPS", "REGISTRY",
+    "Scores", "describe_options",
     "apl_label", "clean_rate", "gr_schedule",
     "estimator_from_probabilities", "estimator_init", "expected_positive_penalty", "get_loss",
     "log_neg", "log_pos", "loss", "make_losses", "parse_loss_options", "parse_losses",
@@ -159,8 +165,9 @@ def loss(
     loss's options (``label_smoothing=0.2``, ``expected_positives=2.9``, ``alpha=0.1``) and
     the per-batch state it needs (ROLE's ``estimates``, the estimator's logits for the
     batch rows; pseudo-negative sampling's ``pseudo_negatives``; EM + APL's
-    ``pseudo_targets``, NaN where an entry has no pseudo-label). Per-dataset defaults are
-    VOC's here: pass the option to use another dataset's.
+    ``pseudo_targets``, NaN where an entry has no pseudo-label; VLPL's and AEVLP's
+    ``pseudo_positives`` and optional ``pseudo_negatives``, [B, L] 0/1 masks). Per-dataset
+    defaults are VOC's here: pass the option to use another dataset's.
     """
     cls = get_loss(key)
     state = {name: options.pop(name) for name in cls.batch_state_names if name in options}

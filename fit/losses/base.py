@@ -16,7 +16,10 @@ A loss is a small object (a subclass of :class:`Loss`) that knows
 - optionally state that persists across batches and epochs (per training row, per head):
   created by :meth:`Loss.init_state`, handed to ``value`` through :meth:`Loss.batch_state`,
   updated by hooks at the start and end of an epoch and after a step; tensors named in
-  ``trainable`` are trained by the engine's Adam at ``lr x`` a multiplier.
+  ``trainable`` are trained by the engine's Adam at ``lr x`` a multiplier;
+- optionally pseudo-labels from a vision-language model's scores (``reads_scores``): the
+  training rows' :class:`Scores` come in :attr:`Context.scores`, and the loss turns them
+  into its per-row state once, in ``init_state``.
 
 Tensors a loss receives have the heads, if any, in front: ``logits [..., B, L]``.
 """
@@ -67,14 +70,34 @@ def is_value(tensor: torch.Tensor, value: float, dtype: torch.dtype | None = Non
 
 
 @dataclass(frozen=True)
+class Scores:
+    """A vision-language model's scores of the training rows (``spl pseudo-labels`` or
+    ``spl import-scores``), row for row with the observed labels the loss trains on: the
+    cosine of the whole image with each class prompt ``[N, L]`` and, when the file has
+    them, of each of the g x g tiles ``[N, g*g, L]``. NaN rows (images the scorer could not
+    read) get no pseudo-labels."""
+
+    image: torch.Tensor
+    tiles: torch.Tensor | None = None
+    tag: str | None = None
+
+    @property
+    def grid(self) -> int:
+        """g of the g x g tiles (0: the whole image only)."""
+        return 0 if self.tiles is None else math.isqrt(self.tiles.shape[1])
+
+
+@dataclass(frozen=True)
 class Context:
     """What a loss may know about the data: the number of classes, the expected positives
-    per image k (the dataset's, or ``--expected-positives``) and the prepared dataset's
-    name (per-dataset defaults of the methods since the paper)."""
+    per image k (the dataset's, or ``--expected-positives``), the prepared dataset's
+    name (per-dataset defaults of the methods since the paper) and, for the losses that
+    read them (``reads_scores``), a vision-language model's scores of the training rows."""
 
     num_classes: int | None = None
     expected_positives: float | None = None
     dataset: str | None = None
+    scores: Scores | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -128,6 +151,9 @@ class Loss:
     in_paper: ClassVar[bool] = False
     trains_on: ClassVar[str] = SINGLE_POSITIVE
     reads_labels: ClassVar[bool] = False
+    # Whether it trains on pseudo-labels from a vision-language model's scores
+    # (``Context.scores``; ``--scores TAG`` on the command line).
+    reads_scores: ClassVar[bool] = False
     reduction: ClassVar[str] = "mean"  # over all B x L entries (the paper's); or "sum"
     Options: ClassVar[type] = NoOptions
     # State ``value`` reads from ``Batch.state``: keywords of the functional ``loss(...)``.
@@ -188,6 +214,10 @@ class Loss:
     def check_epochs(self, num_epochs: int) -> None:
         """Refuse a run of ``num_epochs`` that the loss's schedule cannot fit (a warm-up at
         or past the last epoch), before the run starts."""
+
+    def check_scores(self, scores: Scores, where: str) -> None:
+        """Refuse scores the loss cannot use (a loss with ``reads_scores``): an SplError
+        naming ``where`` (the scores file) and what is missing."""
 
     def expected_positives(self) -> float:
         """k: this loss's ``expected_positives`` option, else the dataset's."""
