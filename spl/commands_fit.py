@@ -84,6 +84,7 @@ def losses_command() -> None:
     for key, loss in LOSSES.items():
         paper = "paper" if loss.in_paper else "     "
         seen = loss.trains_on + (", full labels" if loss.reads_labels else "")
+        seen += ", a vision-language model's scores (--scores)" if loss.reads_scores else ""
         click.echo(f"{key:<11} {paper} {loss.title:<11} {loss.labels_seen:<18} {seen}")
         click.echo(f"{'':<12}options: {describe_options(loss)}")
 

@@ -28,7 +28,18 @@ from spl.extract.features import unreadable_rows
 from spl.fit.finetune import Classifier, FineTuner
 from spl.fit.losses import LOSSES, WITH_NEGATIVES, Loss
 from spl.fit.recipes import Recipe, source_recipe
-from spl.linear import check_negatives, loss_context, resolve_losses
+from spl.linear import (
+    check_negatives,
+    check_resumed_scores,
+    load_training_scores,
+    loss_context,
+    pseudo_label_rows,
+    pseudo_labels_of,
+    resolve_losses,
+    scores_record,
+    training_scores,
+    write_pseudo_labels,
+)
 from spl.runs import LinearHead, LinearRun, Run, read_jsonl
 from spl.settings import FinetuneSettings
 
@@ -101,6 +112,7 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
             settings, lrs=[recipe.lr], batch_sizes=[recipe.batch_size], epochs=recipe.epochs
         )
     loss = resolve_losses(prepared, settings, [settings.loss], settings.epochs)[settings.loss]
+    score_set = load_training_scores(prepared, settings, {settings.loss: loss})
     observed = settings.observed_for(loss.trains_on)
     if loss.trains_on == WITH_NEGATIVES:
         check_negatives(prepared, observed, [settings.loss])
@@ -118,6 +130,10 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
         observed=observed, excluded=unreadable_rows(prepared, tag), procs=procs,
         workers=settings.workers, cache_images=settings.cache_images,
     )  # fmt: skip
+    scores = training_scores(score_set, data.rows["train"])
+    if scores is not None:  # the loss computes its pseudo-labels from the training rows' scores
+        loss = type(loss)(loss.options, dataclasses.replace(loss.context, scores=scores))
+    pseudo = pseudo_labels_of({settings.loss: loss}, scores, data.observed())
     writes = procs.rank == 0
     if resume is None:
         run = Run.create(Path(out_root) / prepared.name / tag, "finetune", {
@@ -136,10 +152,14 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
             "classes": prepared.classes,
             "processes": procs.world,
             "device": str(procs.device),
+            "scores": scores_record(score_set, pseudo),
         }, writes=writes)  # fmt: skip
         run.at(Path(procs.broadcast(str(run.path))))
     else:
         run = Run.resume(resume, "finetune", writes=writes)
+        check_resumed_scores(run, scores_record(score_set, pseudo))
+    quality = pseudo_label_rows(pseudo, data.observed(), data.labels("train"), prepared.classes)
+    pseudo_summary = write_pseudo_labels(run, quality, settings.scores, len(data.rows["train"]))
     results = []
     for seed in settings.seeds:
         init = None
@@ -163,7 +183,7 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
         report.finetune_summary(
             prepared.name, tag, key, results, LOSSES, differences,
             protocol=report.protocol_text(settings.observed, settings.val),
-        ),
+        ) + pseudo_summary,
     )  # fmt: skip
     run.complete()
     procs.all_ok(True)

@@ -8,6 +8,7 @@ which also scores the test split, and writes what the engine computed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,20 @@ from spl.data.prepared import PreparedDataset, load_prepared
 from spl.data.runtime import resolve_device
 from spl.evaluate import paper, report
 from spl.extract.features import load_features, unreadable_rows
+from spl.extract.scores import ScoreSet, load_scores
 from spl.fit import fused
 from spl.fit.engine import StackedHeads
-from spl.fit.losses import LOSSES, SINGLE_POSITIVE, WITH_NEGATIVES, Context, Loss, make_losses
+from spl.fit.losses import (
+    LOSSES,
+    SINGLE_POSITIVE,
+    VISION_LANGUAGE,
+    WITH_NEGATIVES,
+    Context,
+    Loss,
+    Scores,
+    make_losses,
+)
+from spl.fit.pseudo_labels import QUALITY_COLUMNS, pseudo_label_quality
 from spl.runs import CHECKPOINT, Run
 from spl.settings import LinearSettings
 
@@ -118,6 +130,141 @@ def resolve_losses(
     return losses
 
 
+def load_training_scores(
+    prepared: PreparedDataset, settings, losses: dict[str, Loss]
+) -> ScoreSet | None:
+    """The scores file of ``--scores`` for the losses that train on pseudo-labels from a
+    vision-language model, checked before a run exists: refused when such a loss has no
+    ``--scores``, when no loss of the run reads it, when the file is missing or was made
+    from another prepared dataset, and when it lacks what a loss needs (AEVLP's tiles)."""
+    readers = [key for key, loss in losses.items() if loss.reads_scores]
+    tag = getattr(settings, "scores", None)
+    folder = prepared.path.parent / "scores"
+    if readers and tag is None:
+        available = sorted(p.stem for p in folder.glob("*.h5"))
+        raise SplError(
+            f"{', '.join(readers)} {'trains' if len(readers) == 1 else 'train'} on "
+            "pseudo-labels from a vision-language model's "
+            f"scores: pass --scores TAG, the file {folder}/TAG.h5 (tags there: "
+            f"{', '.join(available) or 'none'}). Make one with `spl pseudo-labels "
+            f"{prepared.path.parent}` or `spl import-scores {prepared.path.parent} ...`"
+        )
+    if tag is None:
+        return None
+    if not readers:
+        raise SplError(
+            f"--scores {tag}: no loss of this run reads scores (those that do: "
+            f"{', '.join(VISION_LANGUAGE)})"
+        )
+    try:
+        score_set = load_scores(prepared, tag)
+    except SplError as exc:
+        raise SplError(f"--scores {tag}: {exc}") from None
+    whole = Scores(
+        torch.from_numpy(score_set.scores["trainval"]),
+        None if score_set.tiles is None else torch.from_numpy(score_set.tiles["trainval"]),
+        tag,
+    )
+    for key in readers:
+        losses[key].check_scores(whole, str(score_set.path))
+    return score_set
+
+
+def training_scores(score_set: ScoreSet | None, rows: np.ndarray) -> Scores | None:
+    """The scores of the training ``rows`` (of the trainval file), in their order."""
+    if score_set is None:
+        return None
+
+    def take(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array[rows], dtype=np.float32))
+
+    tiles = None if score_set.tiles is None else take(score_set.tiles["trainval"])
+    return Scores(take(score_set.scores["trainval"]), tiles, score_set.tag)
+
+
+def pseudo_labels_of(
+    losses: dict[str, Loss], scores: Scores | None, observed: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Each score-reading loss's pseudo-positives ``[N, L]`` of the training rows, by the
+    rule and options it trains with."""
+    if scores is None:
+        return {}
+    observed_t = torch.from_numpy(np.asarray(observed, dtype=np.float32))
+    return {
+        key: loss.pseudo_labels(observed_t, scores)[0].numpy()
+        for key, loss in losses.items()
+        if loss.reads_scores
+    }
+
+
+def scores_record(score_set: ScoreSet | None, pseudo: dict[str, np.ndarray]) -> dict | None:
+    """What a run records of its scores file, with a digest of each loss's pseudo-labels
+    (which --resume checks again)."""
+    if score_set is None:
+        return None
+    keys = ("scorer", "weights", "weights_sha256", "prompt", "grid", "image_size", "normalize",
+            "created", "imported_from")  # fmt: skip
+    digests = {
+        key: hashlib.sha256(np.packbits(positives).tobytes()).hexdigest()
+        for key, positives in pseudo.items()
+    }
+    return {"tag": score_set.tag, **{k: score_set.attrs.get(k) for k in keys},
+            "pseudo_positives_sha256": digests}  # fmt: skip
+
+
+def check_resumed_scores(run: Run, record: dict | None) -> None:
+    """A resumed run must train on the pseudo-labels it started with."""
+    saved = (run.config.get("scores") or {}).get("pseudo_positives_sha256")
+    now = (record or {}).get("pseudo_positives_sha256")
+    if saved is not None and saved != now:
+        raise SplError(
+            f"--resume {run.path}: the pseudo-labels from --scores {record['tag']} differ from "
+            f"those the run started with (the scores file was rebuilt since, created "
+            f"{run.config['scores'].get('created')}, now {record.get('created')}); start a "
+            "new run"
+        )
+
+
+def pseudo_label_rows(
+    pseudo: dict[str, np.ndarray], observed: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> list[dict]:
+    """Per loss and class, its pseudo-positives on the training rows against their hidden
+    full labels (:func:`spl.fit.pseudo_labels.pseudo_label_quality`)."""
+    rows: list[dict] = []
+    for key, positives in pseudo.items():
+        rows += pseudo_label_quality(positives, observed, labels, classes, key)
+    return rows
+
+
+def write_pseudo_labels(run: Run, rows: list[dict], tag: str | None, num_rows: int) -> str:
+    """pseudo_labels.csv and .json in the run; returns the summary.md section."""
+    if not rows:
+        return ""
+    run.write_csv("pseudo_labels.csv", rows, QUALITY_COLUMNS)
+    run.write_json("pseudo_labels.json", rows)
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = [
+        f"\n## Pseudo-labels (scores `{tag}`)\n",
+        f"Computed once from the scores file for the {num_rows} training rows (no random "
+        "flip, no graph network: docs/scores.md); precision and recall (%) of the "
+        "pseudo-positives against the hidden full labels, overall and on the unobserved "
+        "entries, where they are trained on. Per class: pseudo_labels.csv.\n",
+        "| loss | pseudo-positives | precision | recall | unobserved | precision | recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["class"] == "(all)":
+            lines.append(
+                f"| {row['loss']} | {row['pseudo_positives']} | {cell(row['precision'])} | "
+                f"{cell(row['recall'])} | {row['unobserved_pseudo_positives']} | "
+                f"{cell(row['unobserved_precision'])} | {cell(row['unobserved_recall'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def loss_context(prepared: PreparedDataset, settings) -> Context:
     k = settings.expected_positives
     return Context(
@@ -141,8 +288,11 @@ def run_linear(
     prepared = load_prepared(dataset_dir)
     context = loss_context(prepared, settings)
     losses = resolve_losses(prepared, settings, settings.losses, settings.epochs)
+    score_set = load_training_scores(prepared, settings, losses)
     trains_on = {SINGLE_POSITIVE} | {loss.trains_on for loss in losses.values()}
     data = split_data(prepared, tag, settings, trains_on)
+    scores = training_scores(score_set, data.rows["train"])
+    pseudo = pseudo_labels_of(losses, scores, data.observed[SINGLE_POSITIVE])
     fused.setting()  # a bad SPL_COMPILE fails here, before a run directory exists
     device = resolve_device(settings.device)
     if resume is None:
@@ -162,15 +312,25 @@ def run_linear(
             "excluded_bad_rows": data.excluded,
             "classes": prepared.classes,
             "device": str(device),
+            "scores": scores_record(score_set, pseudo),
         })  # fmt: skip
     else:
         run = Run.resume(resume, "linear")
+        check_resumed_scores(run, scores_record(score_set, pseudo))
+    quality = pseudo_label_rows(
+        pseudo, data.observed[SINGLE_POSITIVE], data.labels["train"], prepared.classes
+    )
+    pseudo_summary = write_pseudo_labels(run, quality, settings.scores, len(data.rows["train"]))
     # A run killed before its first checkpoint starts again from the beginning.
     state = run.load(CHECKPOINT, "linear-run checkpoint")
     run.reset_history(state["history"] if state is not None else [])
     for split, count in data.excluded.items():
         if count:
             log(f"note: {count} {split} rows have no features (bad images) and are left out")
+    if scores is not None:
+        unscored = int((~torch.isfinite(scores.image).all(dim=1)).sum())
+        if unscored:
+            log(f"note: {unscored} train rows have no scores (bad images): no pseudo-labels")
     model = StackedHeads(
         losses=settings.losses,
         lrs=settings.lrs,
@@ -203,10 +363,11 @@ def run_linear(
         state=state,
         on_epoch=on_epoch,
         on_step=None if bar is None else (lambda _: bar.update()),
+        scores=scores,
     )
     if bar is not None:
         bar.close()
-    write_results(run, prepared, tag, model, data, settings)
+    write_results(run, prepared, tag, model, data, settings, pseudo_summary)
     run.complete(train_seconds=round(model.train_seconds_, 2))
     return run.path
 
@@ -230,8 +391,11 @@ def _progress_bar(settings: LinearSettings, num_rows: int, state: dict | None, e
     )  # fmt: skip
 
 
-def write_results(run: Run, prepared, tag, model: StackedHeads, data: SplitData, settings) -> None:
-    """results.csv, per_class_ap.csv, heads.pt and summary.md of a finished sweep."""
+def write_results(
+    run: Run, prepared, tag, model: StackedHeads, data: SplitData, settings, extra: str = ""
+) -> None:
+    """results.csv, per_class_ap.csv, heads.pt and summary.md of a finished sweep (``extra``:
+    sections appended to the summary)."""
     # The protocol in every row: which observed labels trained it and which val labels
     # selected its epoch.
     rows = [{**row, "observed": settings.observed, "val": settings.val} for row in model.results_]
@@ -269,5 +433,5 @@ def write_results(run: Run, prepared, tag, model: StackedHeads, data: SplitData,
         report.linear_summary(
             prepared.name, tag, rows, LOSSES, differences,
             protocol=report.protocol_text(settings.observed, settings.val),
-        ),
+        ) + extra,
     )  # fmt: skip

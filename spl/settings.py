@@ -287,6 +287,12 @@ class LossSettings:
         help="k, positives per image, for the losses with an expected-positive term (EPR, "
         "ROLE) [the dataset's].",
     )
+    scores: str | None = setting(
+        None,
+        help="Scores tag: DATASET/scores/TAG.h5 (from `spl pseudo-labels` or `spl "
+        "import-scores`), the vision-language model's scores the pseudo-labels of em_pl "
+        "(VLPL) and gpr (AEVLP) are computed from; needed by those losses only.",
+    )
     loss_options: dict = setting(
         factory=dict,
         flag="--loss-option",
