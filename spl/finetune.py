@@ -169,7 +169,8 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
             for lr in settings.lrs:
                 results.append(
                     _train_config(
-                        run, data, settings, loss, prepared, spec, lr, bs, seed, init, progress, log
+                        run, data, settings, loss, prepared, spec, lr, bs, seed, init, progress,
+                        log, recipe,
                     )  # fmt: skip
                 )
     run.write_csv("results.csv", results, RESULT_COLUMNS)
