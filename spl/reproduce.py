@@ -32,7 +32,7 @@ from spl.data import protocol
 from spl.data.common import SplError, write_json_atomic, write_text_atomic
 from spl.evaluate import paper, report
 from spl.evaluate.selection import SUMMARY_COLUMNS, select_best
-from spl.fit.losses import LOSSES, PAPER_LOSSES, SINCE_2021
+from spl.fit.losses import LOSSES, PAPER_LOSSES, SINCE_2021, VISION_LANGUAGE
 from spl.fit.losses.base import SINGLE_POSITIVE, WITH_NEGATIVES
 from spl.fit.recipes import RECIPES, source_recipe
 from spl.runs import read_csv, read_jsonl
@@ -60,7 +60,9 @@ class Plan(ReproduceSettings):
         if self.finetune_losses is None:
             self.finetune_losses = [*PAPER_LOSSES, *(f"{k}+linearinit" for k in LINEARINIT)]
         if self.since_losses is None:
-            self.since_losses = [*SINCE_2021, *SINCE_REFERENCE]
+            # VLPL and AEVLP need a vision-language model's scores: rows only with --scores
+            external = list(VISION_LANGUAGE) if self.scores else []
+            self.since_losses = [*SINCE_2021, *external, *SINCE_REFERENCE]
         if self.jobs is None:
             self.jobs = 1
         self.root, self.runs, self.out = Path(self.root), Path(self.runs), Path(self.out)
@@ -177,6 +179,8 @@ def cell_options(
     base: dict = {"dataset_fingerprint": fingerprint, "feature_tag": plan.tag, "seeds": plan.seeds}
     if observed != protocol.OBSERVED or val != "full":
         base.update({"observed": observed, "val": val})
+    if LOSSES[loss.partition("+")[0]].reads_scores:
+        base["scores"] = plan.scores
     if table in ("linear", "recovery"):
         return {**base, "lrs": plan.linear_lrs, "batch_sizes": plan.linear_batch_sizes,
                 "epochs": plan.linear_epochs}  # fmt: skip
@@ -258,6 +262,12 @@ def plan_cells(plan: Plan) -> list[Cell]:
             "--observed semantic needs --clicks DIR, the folder with COCO's crowdsourced "
             "click files (docs/biased-labels.md)"
         )
+    readers = [k for k in plan.since_losses if LOSSES[k].reads_scores]
+    if "since-2021" in plan.tables and readers and not plan.scores:
+        raise SplError(
+            f"{', '.join(readers)} train on a vision-language model's pseudo-labels: pass "
+            "--scores TAG (a file written by `spl pseudo-labels ROOT/<dataset>`; docs/scores.md)"
+        )
     cells = []
     for dataset in plan.datasets:
         fingerprint = _fingerprint(plan, dataset)
@@ -314,6 +324,11 @@ def _protocol_flags(observed: str, val: str) -> list[str]:
     return flags + ([] if val == "full" else ["--val", val])
 
 
+def _scores_flags(plan: Plan, losses: list[str]) -> list[str]:
+    readers = any(LOSSES[k.partition("+")[0]].reads_scores for k in losses)
+    return ["--scores", plan.scores] if readers and plan.scores else []
+
+
 def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
     """Jobs computing the cells that are not done, in stages: observed sets and features,
     linear, fine-tune."""
@@ -352,7 +367,7 @@ def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
                        "--losses", ",".join(losses), "--lrs", _join(plan.linear_lrs),
                        "--batch-sizes", _join(plan.linear_batch_sizes),
                        "--epochs", str(plan.linear_epochs), "--seeds", _join(plan.seeds),
-                       *_protocol_flags(observed, plan.val),
+                       *_protocol_flags(observed, plan.val), *_scores_flags(plan, losses),
                        "--out", str(plan.runs), "--quiet", *device]  # fmt: skip
             where = "" if observed == protocol.OBSERVED else f" [{observed}]"
             jobs.append(Job(f"fit-linear {dataset}{where} ({','.join(losses)})", 1, dataset,
@@ -362,6 +377,7 @@ def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
             finetune = [*python, "finetune", dataset_dir, "--loss", loss,
                         "--backbone", plan.backbone, "--image-size", str(plan.image_size),
                         "--seeds", _join(plan.seeds), *_protocol_flags(cell.observed, cell.val),
+                        *_scores_flags(plan, [loss]),
                         "--out", str(plan.runs), "--quiet", *device, *plan.finetune_args]  # fmt: skip
             if variant == "source":
                 # the method's own recipe fixes its lr, batch size, epochs and early stop
@@ -393,6 +409,10 @@ def plan_jobs(plan: Plan, cells: list[Cell]) -> list[Job]:
     return jobs
 
 
+def jobs_cells(jobs: list[Job]) -> list[Cell]:
+    return [cell for job in jobs for cell in job.cells]
+
+
 def _join(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -404,6 +424,13 @@ def describe(plan: Plan, cells: list[Cell], jobs: list[Job]) -> str:
         state = cell.status + (f" ({cell.why})" if cell.why else "")
         where = f" [{cell.protocol_dir}]" if cell.protocol_dir else ""
         lines.append(f"{cell.table:<9} {cell.dataset:<8} {cell.loss:<18} {state}{where}")
+    if plan.scores and any(LOSSES[c.loss.partition("+")[0]].reads_scores for c in cells):
+        from spl.extract.scores import scores_path
+
+        absent = [d for d in plan.datasets if not scores_path(plan.root / d, plan.scores).exists()]
+        if absent:
+            lines += ["", f"Scores file {plan.scores}.h5 missing (make it first; docs/scores.md):"]
+            lines += [f"  spl pseudo-labels {plan.root / d} --tag {plan.scores}" for d in absent]
     missing = [d for d in plan.datasets if _fingerprint(plan, d) is None]
     if missing:
         lines += ["", "Datasets not prepared (prepare them first):"]
@@ -700,6 +727,16 @@ def reproduce(plan: Plan, *, dry_run: bool = False, log: Callable[[str], None] =
             "not prepared: " + ", ".join(missing) + ". Prepare with `spl data prepare NAME "
             f"--source RAW_DIR --root {plan.root}` (see `spl reproduce --dry-run`)"
         )
+    if plan.scores and any(LOSSES[c.loss.partition("+")[0]].reads_scores for c in jobs_cells(jobs)):
+        from spl.extract.scores import scores_path
+
+        for dataset in plan.datasets:
+            path = scores_path(plan.root / dataset, plan.scores)
+            if not path.exists():
+                raise SplError(
+                    f"{path} not found: make it with `spl pseudo-labels {plan.root / dataset} "
+                    f"--tag {plan.scores}` (docs/scores.md), or pass another --scores"
+                )
     if jobs:
         run_jobs(plan, jobs, log=log)
         cells = plan_cells(plan)

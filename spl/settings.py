@@ -636,7 +636,15 @@ class ReproduceSettings:
         "the label-bias table's semantic column).",
     )
     since_losses: list[str] | None = setting(
-        None, parse=_since_rows, help="Rows of the since-2021 table [its nine methods, AN, ROLE]."
+        None,
+        parse=_since_rows,
+        help="Rows of the since-2021 table [its nine methods, AN, ROLE; with --scores also "
+        "VLPL (em_pl) and AEVLP (gpr)].",
+    )
+    scores: str | None = setting(
+        None,
+        help="Scores tag (ROOT/<dataset>/scores/TAG.h5, from `spl pseudo-labels`) for the "
+        "rows that train on a vision-language model's pseudo-labels (VLPL, AEVLP).",
     )
     dry_run: bool = setting(False, help="List the cells, their state and the commands.")
 

@@ -281,3 +281,25 @@ def test_the_demo_trains_the_methods_since_the_paper_in_its_linear_sweep(tmp_pat
     command = sweep.command({})
     assert command[command.index("--losses") + 1] == ",".join([*PAPER_LOSSES, *SINCE_2021])
     assert command[command.index("--epochs") + 1] == "25"  # the paper's protocol in full
+
+
+def test_since_2021_with_scores_adds_the_vision_language_rows(root, runner, tmp_path):
+    result = _reproduce(runner, root, tmp_path, "--table", "since-2021", "--datasets", "voc12",
+                        "--scores", "clip", "--dry-run")  # fmt: skip
+    lines = result.output.splitlines()
+    assert any(line.split()[:3] == ["finetune", "voc12", "gpr+source"] for line in lines)
+    (sweep,) = [line for line in lines if "spl fit-linear" in line]
+    assert ",em_pl,gpr,an,role " in sweep and "--scores clip" in sweep
+    (vlpl,) = [line for line in lines if "spl finetune" in line and "--loss em_pl " in line]
+    assert "--scores clip" in vlpl and "--recipe source" in vlpl
+    (em,) = [line for line in lines if "spl finetune" in line and "--loss em " in line]
+    assert "--scores" not in em  # only the rows that read the scores get them
+    assert f"spl pseudo-labels {root / 'voc12'} --tag clip" in result.output  # it is missing
+    refused = _reproduce(runner, root, tmp_path, "--table", "since-2021", "--datasets", "voc12",
+                         "--scores", "clip", ok=False)  # fmt: skip
+    assert "scores/clip.h5 not found" in refused.output and "spl pseudo-labels" in refused.output
+    refused = _reproduce(runner, root, tmp_path, "--table", "since-2021", "--datasets", "voc12",
+                         "--since-losses", "em_pl,an", "--dry-run", ok=False)  # fmt: skip
+    assert "em_pl train on a vision-language model's pseudo-labels: pass --scores TAG" in (
+        refused.output
+    )
