@@ -161,18 +161,14 @@ def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
     quality = pseudo_label_rows(pseudo, data.observed(), data.labels("train"), prepared.classes)
     pseudo_summary = write_pseudo_labels(run, quality, settings.scores, len(data.rows["train"]))
     results = []
+    common = (run, data, settings, loss, prepared, spec)
     for seed in settings.seeds:
         init = None
         if settings.init_from:
             init = load_linear_init(Path(settings.init_from), prepared, settings.loss, tag, seed)
         for bs in settings.batch_sizes:
             for lr in settings.lrs:
-                results.append(
-                    _train_config(
-                        run, data, settings, loss, prepared, spec, lr, bs, seed, init, progress,
-                        log, recipe,
-                    )  # fmt: skip
-                )
+                results.append(_train_config(*common, lr, bs, seed, init, progress, log, recipe))
     run.write_csv("results.csv", results, RESULT_COLUMNS)
     differences = paper.protocol_differences(
         "finetune", tag=tag, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
