@@ -116,20 +116,22 @@ def _attr(value):
     return value
 
 
-def read_feature_attrs(path: Path) -> dict:
+def read_attrs(path: Path) -> dict:
+    """A stage file's attributes as plain Python values."""
     with h5py.File(path, "r") as h5:
         return {k: plain(v) for k, v in h5.attrs.items()}
 
 
-def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = True) -> FeatureSet:
-    """Read a feature file and check it belongs to ``prepared`` (fingerprint, row counts)."""
-    dataset_dir = prepared.path.parent
-    path = feature_path(dataset_dir, tag)
-    rebuild = f"spl extract {dataset_dir} --backbone ... (or spl import-features)"
+def open_stage_file(
+    path: Path, prepared: PreparedDataset, *, fmt: str, kind: str, rebuild: str
+) -> tuple[h5py.File, dict]:
+    """Open a file between stages (features, scores) once it is known to exist, to be HDF5
+    of format ``fmt`` and to have been made from ``prepared``; each refusal names the file
+    and the command that rebuilds it. The caller closes the file."""
     if not path.is_file():
-        available = sorted(p.stem for p in (dataset_dir / "features").glob("*.h5"))
+        available = sorted(p.stem for p in path.parent.glob("*.h5"))
         raise SplError(
-            f"{path} not found; feature tags of {prepared.name}: "
+            f"{path} not found; {kind} tags of {prepared.name}: "
             f"{', '.join(available) or 'none'}. Make it with `{rebuild}`"
         )
     try:
@@ -138,16 +140,29 @@ def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = T
         raise SplError(
             f"{path} is not a readable HDF5 file ({exc}); rebuild it: {rebuild}"
         ) from exc
+    attrs = {k: plain(v) for k, v in h5.attrs.items()}
+    problem = None
+    if attrs.get("format") != fmt:
+        problem = f"{path} is not an spl {kind} file"
+    elif attrs.get("dataset_fingerprint") != prepared.fingerprint:
+        problem = (
+            f"{path} was made from another prepared dataset (fingerprint "
+            f"{attrs.get('dataset_fingerprint')} of {attrs.get('dataset_name')!r}; "
+            f"{prepared.path} has {prepared.fingerprint}). Rebuild it: `{rebuild} --force`"
+        )
+    if problem:
+        h5.close()
+        raise SplError(problem)
+    return h5, attrs
+
+
+def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = True) -> FeatureSet:
+    """Read a feature file and check it belongs to ``prepared`` (fingerprint, row counts)."""
+    dataset_dir = prepared.path.parent
+    path = feature_path(dataset_dir, tag)
+    rebuild = f"spl extract {dataset_dir} --backbone ... (or spl import-features)"
+    h5, attrs = open_stage_file(path, prepared, fmt=FORMAT, kind="feature", rebuild=rebuild)
     with h5:
-        attrs = {k: plain(v) for k, v in h5.attrs.items()}
-        if attrs.get("format") != FORMAT:
-            raise SplError(f"{path} is not an spl feature file")
-        if attrs.get("dataset_fingerprint") != prepared.fingerprint:
-            raise SplError(
-                f"{path} was made from another prepared dataset (fingerprint "
-                f"{attrs.get('dataset_fingerprint')} of {attrs.get('dataset_name')!r}; "
-                f"{prepared.path} has {prepared.fingerprint}). Rebuild it: `{rebuild} --force`"
-            )
         features = {src: h5[src][()] for src in SOURCES}
         bad = {src: h5[f"bad/{src}"][()] if f"bad/{src}" in h5 else np.zeros(0, np.int64)
                for src in SOURCES}  # fmt: skip

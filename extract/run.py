@@ -587,7 +587,7 @@ def extract_features(
     rank 0 writes the file. ``chunk_pause`` sleeps after each chunk (for tests that kill a
     run midway). Returns what happened; ``log`` receives the messages (rank 0 only).
     """
-    from spl.extract.features import feature_path, read_feature_attrs, write_features
+    from spl.extract.features import feature_path, read_attrs, write_features
 
     if dtype not in DTYPES:
         raise SplError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
@@ -600,7 +600,7 @@ def extract_features(
         tag = backbone_tag(backbone, chosen, image_size)
         final = feature_path(prepared.path.parent, tag)
         if final.exists() and not force:
-            attrs = read_feature_attrs(final)
+            attrs = read_attrs(final)
             check_same_dataset(final, attrs, prepared)
             say(f"{final} is complete; nothing to do (--force extracts again)")
             return ExtractResult(final, tag, "exists", attrs=attrs)

@@ -208,8 +208,9 @@ def score_images(
     same settings (``force`` redoes it). Under torchrun every rank scores its share.
     """
     from spl.extract.backbones import _resolve
+    from spl.extract.features import read_attrs
     from spl.extract.libraries import OPENCLIP, import_library, openclip_model, split_name
-    from spl.extract.scores import read_scores_attrs, scores_path, write_scores
+    from spl.extract.scores import scores_path, write_scores
 
     prefixed = split_name(scorer)
     if prefixed is None or prefixed[0] != OPENCLIP:
@@ -251,7 +252,7 @@ def score_images(
             "normalize": normalize,
         }
         if final.exists() and not force:
-            attrs = read_scores_attrs(final)
+            attrs = read_attrs(final)
             check_same_dataset(final, attrs, prepared)
             _check_same_settings(final, attrs, planned)
             say(f"{final} is complete; nothing to do (--force scores again)")

@@ -30,9 +30,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spl.data.common import SplError, atomic_path, plain, sha256_file
+from spl.data.common import SplError, atomic_path, sha256_file
 from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
-from spl.extract.features import _attr, _split_row, check_tag, library_versions
+from spl.extract.features import (
+    _attr,
+    _split_row,
+    check_tag,
+    library_versions,
+    open_stage_file,
+)
 
 FORMAT = "spl.scores"
 FORMAT_VERSION = 1
@@ -123,39 +129,14 @@ def write_scores(
     return path
 
 
-def read_scores_attrs(path: Path) -> dict:
-    with h5py.File(path, "r") as h5:
-        return {k: plain(v) for k, v in h5.attrs.items()}
-
-
 def load_scores(prepared: PreparedDataset, tag: str, *, check_finite: bool = True) -> ScoreSet:
     """Read a scores file and check it belongs to ``prepared`` (fingerprint, rows, classes);
     scores are finite except on the rows recorded as bad."""
     dataset_dir = prepared.path.parent
     path = scores_path(dataset_dir, tag)
     rebuild = f"spl pseudo-labels {dataset_dir} --scorer ... (or spl import-scores)"
-    if not path.is_file():
-        available = sorted(p.stem for p in (dataset_dir / "scores").glob("*.h5"))
-        raise SplError(
-            f"{path} not found; scores tags of {prepared.name}: "
-            f"{', '.join(available) or 'none'}. Make it with `{rebuild}`"
-        )
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as exc:
-        raise SplError(
-            f"{path} is not a readable HDF5 file ({exc}); rebuild it: {rebuild}"
-        ) from exc
+    h5, attrs = open_stage_file(path, prepared, fmt=FORMAT, kind="scores", rebuild=rebuild)
     with h5:
-        attrs = {k: plain(v) for k, v in h5.attrs.items()}
-        if attrs.get("format") != FORMAT:
-            raise SplError(f"{path} is not an spl scores file")
-        if attrs.get("dataset_fingerprint") != prepared.fingerprint:
-            raise SplError(
-                f"{path} was made from another prepared dataset (fingerprint "
-                f"{attrs.get('dataset_fingerprint')} of {attrs.get('dataset_name')!r}; "
-                f"{prepared.path} has {prepared.fingerprint}). Rebuild it: `{rebuild} --force`"
-            )
         scores = {src: h5[src][()] for src in SOURCES}
         tiles = {src: h5[f"tiles/{src}"][()] for src in SOURCES} if "tiles" in h5 else None
         bad = {src: h5[f"bad/{src}"][()] for src in SOURCES}

@@ -19,6 +19,8 @@ from scorefixtures import TINY, TINY_SIZE, register
 from spl.data.common import SplError, sha256_file
 from spl.data.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from spl.data.prepared import load_prepared
+from spl.extract import features as feature_file
+from spl.extract import scores as scores_file
 from spl.extract.run import ImageFiles, tile_boxes
 from spl.extract.scores import load_scores
 
@@ -366,6 +368,44 @@ def test_import_scores_round_trip_and_refusals(demo, runner, tmp_path):
     output = invoke(runner, command, ok=False).output
     assert "3 tiles per image is not a square grid" in output
     assert not (demo / "scores" / "x.h5").exists()
+
+
+@pytest.mark.parametrize("module", [feature_file, scores_file], ids=["features", "scores"])
+def test_a_stage_file_missing_unreadable_of_another_kind_or_dataset_is_refused_by_name(
+    demo, module
+):
+    prepared = load_prepared(demo)
+    if module is feature_file:
+        folder, kind, command, load = (
+            demo / "features",
+            "feature",
+            "spl extract",
+            module.load_features,
+        )
+    else:
+        folder, kind, command, load = demo / "scores", "scores", "spl pseudo-labels", load_scores
+    folder.mkdir(exist_ok=True)
+    (folder / "garbled.h5").write_bytes(b"not HDF5 at all")
+    with h5py.File(folder / "other-kind.h5", "w") as h5:
+        h5.attrs["format"] = "spl.scores" if module is feature_file else "spl.features"
+    with h5py.File(folder / "foreign.h5", "w") as h5:
+        h5.attrs.update({"format": module.FORMAT, "dataset_fingerprint": "f" * 16,
+                         "dataset_name": "elsewhere"})  # fmt: skip
+
+    def message(tag):
+        with pytest.raises(SplError) as caught:
+            load(prepared, tag)
+        return str(caught.value)
+
+    text = message("absent")
+    assert f"{folder / 'absent.h5'} not found; {kind} tags of {prepared.name}: " in text
+    assert "foreign, garbled, other-kind" in text and command in text
+    text = message("garbled")
+    assert f"{folder / 'garbled.h5'} is not a readable HDF5 file" in text and command in text
+    assert message("other-kind") == f"{folder / 'other-kind.h5'} is not an spl {kind} file"
+    text = message("foreign")
+    assert f"{folder / 'foreign.h5'} was made from another prepared dataset" in text
+    assert "'elsewhere'" in text and f"{command} {demo}" in text and "--force" in text
 
 
 def test_bad_scorer_settings_are_refused_before_any_work(demo, runner):
