@@ -199,6 +199,12 @@ class _Group:
         self.kernel_slots = [s for s in self.slots.values() if s.route == "kernel"]
         self.custom_slots = [s for s in self.slots.values() if s.route in ("closed_form", "autograd")]  # fmt: skip
         self.hooked_slots = [s for s in self.slots.values() if _overrides(s.loss, "after_step")]
+        # A CUDA graph replays the kernels it captured with the values they had then. Only
+        # the weighted tables and the fused losses' state are device buffers updated in
+        # place; a kernel loss's arguments are built in Python every step (this epoch's
+        # schedule: GR's k and v, SPLC's switch, the LL rejection count, APL's targets) and
+        # custom or hooked losses run Python between kernels, so their groups run unrecorded.
+        self.graphable = not (self.kernel_slots or self.custom_slots or self.hooked_slots)
         reg = [float(losses[h.loss].regulariser_weight) for h in self.heads]
         self.reg_weight = torch.tensor(reg, device=device, dtype=dtype)
         self.reg_target = torch.tensor(
@@ -787,12 +793,7 @@ class StackedHeads:
             group.loss_sum = torch.zeros(len(group.heads), dtype=torch.float64, device=X.device)
         group.loss_sum.zero_()  # in place: a captured CUDA graph accumulates into this buffer
         batches = epoch_batches(X.shape[0], group.batch_size, group.seed, epoch - 1, X.device)
-        use_graph = (
-            self.cuda_graphs
-            and X.device.type == "cuda"
-            and not group.custom_slots
-            and not group.hooked_slots
-        )
+        use_graph = self.cuda_graphs and X.device.type == "cuda" and group.graphable
         for step, rows in enumerate(batches):
             if use_graph and group.graph is None and step == 3:
                 self._capture(group, rows, epoch)

@@ -182,6 +182,21 @@ def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeyp
                 assert (got != estimator_init(torch.tensor(observed), estimator_generator(3))).all()
 
 
+def test_only_groups_whose_step_reads_in_place_buffers_may_be_replayed_as_a_cuda_graph():
+    """A graph replays its capture's values: a loss whose step arguments change by epoch
+    (GR's schedule, SPLC's switch, the LL rejection count) or that runs Python between
+    kernels must keep its group unrecorded."""
+    X, labels, observed, observed_iu = _data()
+    replayable = ["bce", "an", "an_ls", "wan", "iun", "iu", "epr", "role"]
+    for losses, expected in [(replayable, True), *[([*replayable, k], False) for k in
+                             ("gr", "splc", "ll_r", "em_apl", "ll_cp", "pr")]]:  # fmt: skip
+        model = StackedHeads(
+            losses=losses, lrs=[1e-3], batch_sizes=[8], epochs=2, expected_positives=K,
+            loss_options={k: v for k, v in OPTIONS.items() if k in losses}, device="cpu",
+        ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu)  # fmt: skip
+        assert [g.graphable for g in model.groups_] == [expected], losses
+
+
 # lr 1.0 overshoots, so some head's best epoch is not the last; one lr: a single weight block
 @pytest.mark.parametrize("lrs", [[1.0, 1e-2], [1.0]])
 def test_best_epoch_weights_score_as_recorded(lrs):
