@@ -157,10 +157,10 @@ def gather_by_index(
         dist.all_gather_object(parts, (indices, logits))
         indices = torch.cat([p[0] for p in parts])
         logits = torch.cat([p[1] for p in parts])
-        # Each repeat keeps its first score in rank order: the ranks score a repeated row
-        # differently (their BatchNorm statistics differ after a training epoch, and the
-        # training rows are read with a random flip), and an indexed write of repeated
-        # rows keeps any one of them, while every rank must place the same.
+        # Each repeat keeps its first score in rank order: the ranks may score a repeated
+        # row differently (the training rows are read with a random flip of each rank's
+        # own), and an indexed write of repeated rows keeps any one of them, while every
+        # rank must place the same.
         order = torch.argsort(indices, stable=True)
         ordered = indices[order]
         first = torch.ones_like(ordered, dtype=torch.bool)
@@ -172,6 +172,17 @@ def gather_by_index(
     if missing.any():
         raise RuntimeError(f"{int(missing.sum())} rows were not scored")
     return out
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers on every process. Each rank's BatchNorm statistics move with its own
+    last batches (DDP broadcasts rank 0's only at the next forward), so without this every
+    rank would score its share of val and train with a slightly different model than the
+    one rank 0 saves."""
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        dist.broadcast(buffer, 0)
 
 
 def split_logits(
@@ -331,6 +342,8 @@ class FineTuner:
                 epoch, prepare=data.prepare(train=True, generator=generator), on_step=on_step,
                 world=procs.world,
             )  # fmt: skip
+            if procs.world > 1:
+                broadcast_buffers(trainable)
             self._end_epoch(trainable, data, epoch)
             val_map = split_map(self._logits(data, "val"), val_labels)
             improved = val_map > progress["best_val"]
