@@ -217,9 +217,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.repeat > 1:
             notes.append(f"medians of {args.repeat} interleaved repeats")
+        # The benchmark's own threads and workers raise the end value; the start tells
+        # whether other work shared the machine.
+        busy = load[0] >= (os.cpu_count() or 1) - 0.5
         notes.append(
             f"load average (1 min) at the start {load[0]:.1f}, at the end {os.getloadavg()[0]:.1f}"
-            f" on {os.cpu_count()} CPUs: above the CPU count, other work shared the machine"
+            f" on {os.cpu_count()} CPUs: "
+            + ("other work shared the machine" if busy else "no other work at the start")
         )
         table = _table(header, rows, notes)
         print(table)
