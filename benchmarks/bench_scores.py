@@ -76,12 +76,12 @@ def cpu_name() -> str:
 
 def build_step(scorer: str, image_size: int, device: torch.device, classes: int):
     """The scorer of ``spl pseudo-labels`` with random weights and ``classes`` prompts."""
-    from spl.extract.backbones import _resolve
+    from spl.extract.backbones import resolve_weights
     from spl.extract.libraries import import_library, openclip_model, split_name
     from spl.extract.scorer import ScoreStep, prompts_for, text_features
 
     arch = split_name(scorer)[1]
-    _, weights, path, digest = _resolve(scorer, "random", None, True, None)
+    _, weights, path, digest = resolve_weights(scorer, "random", None, True, None)
     model, spec = openclip_model(arch, weights, path, digest, image_size)
     tokens = import_library("openclip").get_tokenizer(arch)(
         prompts_for("a photo of a {}.", [f"class {k}" for k in range(classes)])

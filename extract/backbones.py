@@ -130,9 +130,16 @@ def get_backbone(
     the file name). ``pretrained=False`` is ``weights="random"``. ``image_size``: the input
     size, for models built for one size (open_clip and timm ViTs); others ignore it.
     """
-    entry, weights, weights_path, digest = _resolve(
-        name, weights, weights_path, pretrained, expected_sha256
-    )
+    chosen = resolve_weights(name, weights, weights_path, pretrained, expected_sha256)
+    return build_resolved(chosen, image_size=image_size)
+
+
+def build_resolved(
+    resolved: tuple[_Entry, str, Path | None, str | None], *, image_size: int | None = None
+) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone :func:`resolve_weights` chose, built in eval mode (its file hashed once,
+    by the resolution)."""
+    entry, weights, weights_path, digest = resolved
     model, spec = entry.build(weights, weights_path, digest, image_size=image_size)
     return model.eval(), spec
 
@@ -147,10 +154,10 @@ def weights_id(
 ) -> str:
     """The weights id (hence the feature tag) that :func:`get_backbone` would report, without
     building the model or downloading anything; a weights file is hashed and checked."""
-    return _resolve(name, weights, weights_path, pretrained, expected_sha256)[1]
+    return resolve_weights(name, weights, weights_path, pretrained, expected_sha256)[1]
 
 
-def _resolve(
+def resolve_weights(
     name: str,
     weights: str | None,
     weights_path: Path | str | None,

@@ -45,8 +45,8 @@ from spl.extract.backbones import (
     DEFAULT_BACKBONE,
     BackboneSpec,
     backbone_tag,
-    get_backbone,
-    weights_id,
+    build_resolved,
+    resolve_weights,
 )
 
 DECODE_ROUTES = ("pil", "device")
@@ -449,9 +449,9 @@ class ChunkedPass:
     and writes; :func:`run_pass` runs it.
 
     ``step`` turns a :class:`Batch` into float32 outputs (a tensor, stored as ``features``,
-    or a dict of named tensors), each ``[B, ...]`` in batch order. ``store`` turns a finished
-    chunk's arrays into what its chunk file keeps (a dtype, NaN on its bad rows), refusing
-    bad values; it gets the arrays, the bad positions and a function naming a position.
+    or a dict of named tensors), each ``[B, ...]`` in batch order. A finished chunk's arrays
+    are kept in ``dtype``, NaN on its bad rows; NaN or infinite values elsewhere are refused
+    with ``invalid`` (who gave them, e.g. 'the backbone gave NaN or infinite features').
     ``write`` gets every stored array by name and source file, in row order, and the bad
     rows of each source file, and writes ``final`` atomically. ``settings``: what a resumed
     run must share with the chunks already written.
@@ -461,7 +461,8 @@ class ChunkedPass:
     settings: dict
     files: ImageFiles
     step: Callable[[Batch], tuple[Output, list[str]]]
-    store: Callable[[Arrays, list[int], Callable[[int], str]], Arrays]
+    dtype: str
+    invalid: str
     write: Callable[[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]], None]
     done: str = "extracted"  # the verb of the summary line: "extracted 240 images in ..."
 
@@ -515,7 +516,14 @@ def run_pass(
                 "images as bad rows and go on"
             )
         arrays = output if isinstance(output, dict) else {"features": output}
-        stored = job.store(arrays, bad, lambda row: name(chunk.offset + row))
+        stored = {}
+        for key, computed in arrays.items():
+            with np.errstate(over="ignore"):  # overflow is reported by check_finite
+                stored[key] = computed.astype(job.dtype)
+            stored[key][bad] = np.nan
+            check_finite(
+                computed, stored[key], bad, lambda row: name(chunk.offset + row), job.invalid
+            )
         _save_chunk(partial / f"{chunk.name}.npz", stored, np.asarray(bad, np.int64), errors)
         if chunk_pause:
             time.sleep(chunk_pause)
@@ -596,31 +604,21 @@ def extract_features(
     say = log if procs.rank == 0 else (lambda _: None)
     try:
         prepared = load_prepared(dataset_dir)
-        chosen = weights_id(backbone, weights, weights_path, expected_sha256=expected_sha256)
-        tag = backbone_tag(backbone, chosen, image_size)
+        resolved = resolve_weights(backbone, weights, weights_path, True, expected_sha256)
+        tag = backbone_tag(backbone, resolved[1], image_size)
         final = feature_path(prepared.path.parent, tag)
         if final.exists() and not force:
             attrs = read_attrs(final)
             check_same_dataset(final, attrs, prepared)
             say(f"{final} is complete; nothing to do (--force extracts again)")
             return ExtractResult(final, tag, "exists", attrs=attrs)
-        model, spec = get_backbone(
-            backbone, weights, weights_path, expected_sha256=expected_sha256, image_size=image_size
-        )
+        model, spec = build_resolved(resolved, image_size=image_size)
         route = decode if decode != "auto" else ("device" if procs.device.type == "cuda" else "pil")
         if route not in DECODE_ROUTES:
             raise SplError(f"--decode {decode}: use auto, {' or '.join(DECODE_ROUTES)}")
         files = ImageFiles(image_paths(prepared), image_size, route)
         step = FeatureStep(model, spec, image_size, procs.device, amp=amp, files=files)
         attrs = _attrs(prepared, spec, tag, image_size, route, dtype, step.compute)
-
-        def store(arrays: Arrays, bad: list[int], name: Callable[[int], str]) -> Arrays:
-            computed = arrays["features"]
-            with np.errstate(over="ignore"):  # overflow is reported by check_finite
-                stored = computed.astype(dtype)
-            stored[bad] = np.nan
-            check_finite(computed, stored, bad, name, "the backbone gave NaN or infinite features")
-            return {"features": stored}
 
         def write(arrays: dict[str, dict[str, np.ndarray]], bad_rows: dict[str, np.ndarray]):
             count = sum(len(rows) for rows in bad_rows.values())
@@ -632,7 +630,9 @@ def extract_features(
                 force=force,
             )
 
-        job = ChunkedPass(final, {k: attrs[k] for k in _RESUME_KEYS}, files, step, store, write)
+        settings = {k: attrs[k] for k in _RESUME_KEYS}
+        invalid = "the backbone gave NaN or infinite features"
+        job = ChunkedPass(final, settings, files, step, dtype, invalid, write)
         result = run_pass(
             job,
             procs,
@@ -749,6 +749,7 @@ class _RowNames:
 def _open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool) -> None:
     """Create or check the partial folder's manifest (rank 0, before the others look)."""
     manifest_path = partial / "manifest.json"
+    settings = json.loads(json.dumps(settings))  # as the manifest gives them back: tuples as lists
     if force and partial.exists():
         shutil.rmtree(partial)
     if manifest_path.is_file():

@@ -33,13 +33,11 @@ from spl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from spl.data.prepared import load_prepared
 from spl.data.runtime import Processes
 from spl.extract.run import (
-    Arrays,
     Batch,
     ChunkedPass,
     ExtractResult,
     FeatureStep,
     ImageFiles,
-    check_finite,
     check_run_options,
     check_same_dataset,
     image_paths,
@@ -207,7 +205,7 @@ def score_images(
     normalisation]. Resumes an interrupted run; does nothing when the file exists with the
     same settings (``force`` redoes it). Under torchrun every rank scores its share.
     """
-    from spl.extract.backbones import _resolve
+    from spl.extract.backbones import resolve_weights
     from spl.extract.features import read_attrs
     from spl.extract.libraries import OPENCLIP, import_library, openclip_model, split_name
     from spl.extract.scores import scores_path, write_scores
@@ -234,7 +232,9 @@ def score_images(
         else:
             names = list(class_names)
         prompts = prompts_for(prompt, names)
-        entry, chosen, path, digest = _resolve(scorer, weights, weights_path, True, expected_sha256)
+        entry, chosen, path, digest = resolve_weights(
+            scorer, weights, weights_path, True, expected_sha256
+        )
         open_clip = import_library(OPENCLIP)
         if image_size is None:
             size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
@@ -292,16 +292,6 @@ def score_images(
         }
         text_array = text.cpu().numpy()
 
-        def store(arrays: Arrays, bad: list[int], name: Callable[[int], str]) -> Arrays:
-            stored = {}
-            for key, computed in arrays.items():
-                stored[key] = computed.astype(np.float32)
-                stored[key][bad] = np.nan
-                check_finite(
-                    computed, stored[key], bad, name, "the scorer gave NaN or infinite scores"
-                )
-            return stored
-
         def write(arrays: dict[str, dict[str, np.ndarray]], bad_rows: dict[str, np.ndarray]):
             write_scores(
                 final,
@@ -313,8 +303,9 @@ def score_images(
                 force=force,
             )
 
-        settings = {k: _plain(attrs[k]) for k in _RESUME_KEYS}
-        job = ChunkedPass(final, settings, files, step, store, write, done="scored")
+        settings = {k: attrs[k] for k in _RESUME_KEYS}
+        invalid = "the scorer gave NaN or infinite scores"
+        job = ChunkedPass(final, settings, files, step, "float32", invalid, write, done="scored")
         per_batch = 1024 if step.cuda else 64  # views (image and tiles) per model call
         result = run_pass(
             job,
@@ -333,13 +324,6 @@ def score_images(
         return result
     finally:
         procs.close()
-
-
-def _plain(value):
-    """A value as the manifest's JSON gives it back (tuples as lists)."""
-    import json
-
-    return json.loads(json.dumps(value))
 
 
 def _check_same_settings(path: Path, stored: dict, planned: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -30,28 +31,33 @@ def extract(ctx: click.Context, dataset: Path | None, list_backbones: bool, **op
         return
     if dataset is None:
         raise SplError("give the prepared dataset folder: spl extract ROOT/NAME --backbone ...")
-    import dataclasses
-
     from spl.extract.run import extract_features
 
-    settings = settings_from_cli(ctx, ExtractSettings, options)
-    values = dataclasses.asdict(settings)
+    result = extract_features(dataset, log=click.echo, **run_values(ctx, ExtractSettings, options))
+    if result.status == "written":
+        report_bad(result.bad, "NaN features; fit-linear and finetune leave them out")
+
+
+def run_values(ctx: click.Context, cls: type, options: dict) -> dict:
+    """The keyword arguments of an image pass (extract, pseudo-labels) from its settings:
+    ``--weights`` split into an id and a file, ``--sha256`` as the expected hash."""
+    values = dataclasses.asdict(settings_from_cli(ctx, cls, options))
     values["weights"], values["weights_path"] = _split_weights(values.pop("weights"))
     values["expected_sha256"] = values.pop("sha256")
-    result = extract_features(dataset, log=click.echo, **values)
-    if result.status != "written":
+    return values
+
+
+def report_bad(bad: dict[str, list[tuple[int, str]]], what: str) -> None:
+    """Say how many images an image pass recorded as bad rows, and list the first ten."""
+    count = sum(len(rows) for rows in bad.values())
+    if not count:
         return
-    count = sum(len(rows) for rows in result.bad.values())
-    if count:
-        click.echo(
-            f"{count} unreadable images recorded as bad rows (NaN features; fit-linear and "
-            "finetune leave them out):"
-        )
-        listed = [text for rows in result.bad.values() for _, text in rows]
-        for text in listed[:10]:
-            click.echo(f"  {text}")
-        if count > 10:
-            click.echo(f"  ... and {count - 10} more (the file's bad/trainval and bad/test)")
+    click.echo(f"{count} unreadable images recorded as bad rows ({what}):")
+    listed = [text for rows in bad.values() for _, text in rows]
+    for text in listed[:10]:
+        click.echo(f"  {text}")
+    if count > 10:
+        click.echo(f"  ... and {count - 10} more (the file's bad/trainval and bad/test)")
 
 
 def _split_weights(weights: str | None) -> tuple[str | None, Path | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from spl.clitools import config_option, settings_from_cli
-from spl.commands_extract import _split_weights
+from spl.commands_extract import report_bad, run_values
 from spl.settings import ImportScoresSettings, PseudoLabelSettings, click_options
 
 
@@ -28,26 +28,9 @@ def pseudo_labels(ctx: click.Context, dataset: Path, **options) -> None:
     """
     from spl.extract.scorer import score_images
 
-    settings = settings_from_cli(ctx, PseudoLabelSettings, options)
-    values = dataclasses.asdict(settings)
-    values["weights"], values["weights_path"] = _split_weights(values.pop("weights"))
-    values["expected_sha256"] = values.pop("sha256")
-    result = score_images(dataset, log=click.echo, **values)
-    if result.status != "written":
-        return
-    _report_bad(result.bad, "NaN scores")
-
-
-def _report_bad(bad: dict[str, list[tuple[int, str]]], what: str) -> None:
-    count = sum(len(rows) for rows in bad.values())
-    if not count:
-        return
-    click.echo(f"{count} unreadable images recorded as bad rows ({what}):")
-    listed = [text for rows in bad.values() for _, text in rows]
-    for text in listed[:10]:
-        click.echo(f"  {text}")
-    if count > 10:
-        click.echo(f"  ... and {count - 10} more (the file's bad/trainval and bad/test)")
+    result = score_images(dataset, log=click.echo, **run_values(ctx, PseudoLabelSettings, options))
+    if result.status == "written":
+        report_bad(result.bad, "NaN scores")
 
 
 @click.command("import-scores")
