@@ -64,7 +64,7 @@ def measure(dataset: Path, backbone: str, weights: str | None, size: int, batch:
 
     loader = data.train_loader(batch, seed=0, epoch=1)
     limited = _take(loader, steps + 5)
-    tuner._train_epoch(model, optimizer, limited, procs.device, 1,
+    tuner.train_epoch(model, optimizer, limited, procs.device, 1,
                        prepare=data.prepare(train=True), on_step=on_step)  # fmt: skip
     busy = timing["wait"] + timing["step"]
     return {

@@ -337,10 +337,10 @@ class FineTuner:
             if data.cache_images:
                 generator = torch.Generator(device=device)
                 generator.manual_seed(stream_seed(self.seed, epoch, "finetune"))
-            stats = self._train_epoch(
+            stats = self.train_epoch(
                 model, optimizer, data.train_loader(self.batch_size, self.seed, epoch), device,
-                epoch, prepare=data.prepare(train=True, generator=generator), on_step=on_step,
-                world=procs.world,
+                epoch, scheduler=self.scheduler_, prepare=data.prepare(train=True,
+                generator=generator), on_step=on_step, world=procs.world,
             )  # fmt: skip
             if procs.world > 1:
                 broadcast_buffers(trainable)
@@ -390,10 +390,12 @@ class FineTuner:
             channels_last=self.channels_last,
         )  # fmt: skip
 
-    def _train_epoch(
-        self, model, optimizer, loader, device, epoch, *, prepare, on_step, world: int = 1
-    ) -> dict:
-        """One pass over the training loader; BatchNorm in train mode (paper.md section 3)."""
+    def train_epoch(
+        self, model, optimizer, loader, device, epoch, *, scheduler=None, prepare, on_step,
+        world: int = 1,
+    ) -> dict:  # fmt: skip
+        """One pass over the training loader; BatchNorm in train mode (paper.md section 3).
+        Public for the fine-tune benchmark, which times the steps of a model it builds."""
         model.train()
         if self.freeze_batchnorm:
             # Normalise with the pretrained statistics (affine weights still learn): for data
@@ -423,8 +425,8 @@ class FineTuner:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if self.scheduler_ is not None:
-                self.scheduler_.step()
+            if scheduler is not None:
+                scheduler.step()
             if hooked and world > 1:
                 self._after_every_step(index, logits.detach().float()[None], batch, world)
             elif hooked:

@@ -62,3 +62,18 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(tmp_path, runner):
         ok=False,
     )
     assert "unknown keys nmu_pos" in result.output
+
+
+@pytest.mark.slow
+def test_the_finetune_benchmark_runs_the_trainers_epoch(tmp_path):
+    """The benchmark times FineTuner.train_epoch on a model it builds itself: it must keep
+    working as the trainer changes (it once called a private method that fit() set up)."""
+    out = tmp_path / "finetune.md"
+    done = subprocess.run(
+        [sys.executable, REPO / "benchmarks" / "bench_finetune.py", "--device", "cpu",
+         "--steps", "1", "--images", "96", "--synthetic", "--batch-size", "4",
+         "--image-size", "32", "--workers", "0", "--root", tmp_path / "root", "--out", out],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| ResNet-50 at 32px, batch 4: fp32, cached pixels |" in out.read_text()
