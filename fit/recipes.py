@@ -35,16 +35,6 @@ class EarlyStop:
             return since >= self.patience
         return False
 
-    def describe(self) -> str:
-        parts = []
-        if self.max_drop is not None:
-            parts.append(f"val mAP {self.max_drop:g} points below the best")
-        if self.patience is not None:
-            parts.append(
-                f"{self.patience} epoch{'s' if self.patience > 1 else ''} without improving"
-            )
-        return " or ".join(parts) or "none"
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -90,7 +80,7 @@ def _em(dataset: str) -> Recipe:
 
 def _ll(dataset: str) -> Recipe:
     stop = EarlyStop(max_drop=3.0)
-    if dataset in ("voc12", None) or dataset not in ("coco14", "nuswide", "cub"):
+    if dataset not in ("coco14", "nuswide", "cub"):  # VOC's recipe for any other dataset
         return Recipe(LL_SOURCE, 5e-3, 16, 10, optimizer="sgd", momentum=0.9, weight_decay=1e-3,
                       decay_all=True, head_lr_multiplier=10.0, early_stop=stop)  # fmt: skip
     lr = 7.5e-5 if dataset == "cub" else 1e-5

@@ -322,7 +322,3 @@ def _meta(settings, spec: BackboneSpec, prepared, lr, bs, seed, init) -> dict:
         "seed": seed,
         "init": None if init is None else str(init.run),
     }
-
-
-def finetune_table(rows: list[dict]) -> str:
-    return report.finetune_table(rows, LOSSES)

@@ -55,6 +55,7 @@ class SplitData:
     rows: dict[str, np.ndarray]  # rows of the source file
     observed: dict[str, np.ndarray]  # training rows of each observed set the losses need
     excluded: dict[str, int]
+    feature_attrs: dict  # the feature file's attributes (its provenance)
 
 
 def split_data(
@@ -89,7 +90,7 @@ def split_data(
                 prepared, name, [k for k in settings.losses if LOSSES[k].trains_on == kind]
             )
         observed[kind] = prepared.observed_set(name)["trainval"][rows["train"]]
-    return SplitData(features, labels, rows, observed, excluded)
+    return SplitData(features, labels, rows, observed, excluded, feature_set.attrs)
 
 
 def check_negatives(prepared: PreparedDataset, name: str, losses: list[str]) -> None:
@@ -296,14 +297,13 @@ def run_linear(
     fused.setting()  # a bad SPL_COMPILE fails here, before a run directory exists
     device = resolve_device(settings.device)
     if resume is None:
-        feature_attrs = load_features(prepared, tag, check_finite=False).attrs
         run = Run.create(Path(out_root) / prepared.name / tag, "linear", {
             "dataset": str(prepared.path.parent.resolve()),
             "dataset_name": prepared.name,
             "dataset_fingerprint": prepared.fingerprint,
             "feature_tag": tag,
             "feature_attrs": {
-                k: feature_attrs.get(k)
+                k: data.feature_attrs.get(k)
                 for k in ("backbone", "weights", "weights_source", "image_size", "dtype")
             },
             "settings": dataclasses.asdict(settings),

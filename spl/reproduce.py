@@ -581,9 +581,9 @@ def record_cells(plan: Plan, job: Job, run_dir: Path) -> None:
 # --------------------------------------------------------------------------- tables
 
 
-def differences(plan: Plan, table: str, observed: str | None = None) -> list[str]:
+def differences(plan: Plan, table: str) -> list[str]:
     """How this reproduction's protocol departs from the paper's, for a table."""
-    observed = plan.observed_name if observed is None else observed
+    observed = plan.observed_name
     if table == "since-2021":
         # the published numbers come with each method's own recipe: only the features and
         # the protocol can differ
@@ -601,9 +601,9 @@ def differences(plan: Plan, table: str, observed: str | None = None) -> list[str
     )  # fmt: skip
 
 
-def _mine(plan: Plan, cells: list[Cell], observed: str | None = None) -> list[Cell]:
-    observed = plan.observed_name if observed is None else observed
-    return [c for c in cells if c.observed == observed and c.val == plan.val]
+def _mine(plan: Plan, cells: list[Cell]) -> list[Cell]:
+    """The cells of this reproduction's protocol."""
+    return [c for c in cells if c.observed == plan.observed_name and c.val == plan.val]
 
 
 def build_table(plan: Plan, table: str, cells: list[Cell]) -> dict:

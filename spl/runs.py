@@ -40,10 +40,6 @@ class Run:
         self.config = config
         self.writes = writes
 
-    @property
-    def kind(self) -> str:
-        return self.config["kind"]
-
     @classmethod
     def create(cls, parent: Path, kind: str, config: dict, *, writes: bool = True) -> Run:
         """A new, never-used directory holding ``config.json`` and the INCOMPLETE marker."""

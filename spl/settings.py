@@ -193,8 +193,6 @@ def click_options(cls: type) -> Callable:
                 kwargs.update(type=click.Choice(meta["choices"]), default=default)
             elif kind in (int, float, str):
                 kwargs.update(type=kind, default=default)
-            elif meta["parse"] is not None:
-                kwargs.update(type=str, default=_shown(default))
             else:
                 kwargs.update(type=str, default=_shown(default))
             if default is None and not meta["multiple"]:
@@ -516,7 +514,7 @@ class PredictSettings:
 TABLES = ("linear", "finetune", "recovery")  # the paper's; `--table all`
 MORE_TABLES = ("since-2021", "label-bias")
 DATASETS = (*protocol.PAPER_DATASETS, "demo")
-BIAS_KINDS = ("uniform", "size", "location", "semantic")
+BIAS_KINDS = protocol.BIASES  # the label-bias table's columns, in order
 
 
 def _tables(text: Any, option: str) -> list[str]:
@@ -534,11 +532,9 @@ def _since_rows(text: Any, option: str) -> list[str] | None:
     return _one_of(tuple(LOSSES), "loss")(text, option)
 
 
-def _one_of(valid: tuple[str, ...], what: str, all_name: str | None = None):
+def _one_of(valid: tuple[str, ...], what: str):
     def parse(text: Any, option: str) -> list[str]:
         items = names(text, option)
-        if all_name is not None and items == [all_name]:
-            return list(valid)
         unknown = [t for t in items if t not in valid]
         if unknown:
             raise SplError(f"unknown {what} {unknown[0]!r}; valid: {', '.join(valid)}")

@@ -28,7 +28,6 @@ from spl.fit.pseudo_labels import damp_pseudo_labels, vlpl_pseudo_labels
 
 VLPL_SOURCE = "Xing et al., CVPR-W 2024 (mvrl/VLPL)"
 AEVLP_SOURCE = "Tran et al., ICCV 2025 (Fsoft-AIC/AEVLP)"
-DATASETS = ("voc12", "coco14", "nuswide", "cub")
 
 
 class PseudoLabelLoss(Loss):
