@@ -197,3 +197,24 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     assert loss("an_focal", logits, torch.tensor(observed[:4]), gamma=0.0).item() == pytest.approx(
         loss("an", logits, torch.tensor(observed[:4])).item()
     )  # gamma 0 is AN
+
+
+def test_a_kernels_epoch_numbers_are_made_once_per_value():
+    """GR's schedule and SPLC's switch change once an epoch: within an epoch every step gets
+    the same tensors (no copy to the device per step), a new epoch gets its own values."""
+    observed = torch.zeros(4, 3, dtype=torch.int8)
+    observed[:, 0] = 1
+    for key, numbers, epoch in (("gr", slice(1, 5), 2), ("splc", slice(1, 2), 1)):
+        made = get_loss(key).make()
+        one = made.kernel_args(Batch(observed, None, epoch, 10))[numbers]
+        again = made.kernel_args(Batch(observed, None, epoch, 10))[numbers]
+        later = made.kernel_args(Batch(observed, None, epoch + 1, 10))[numbers]
+        assert all(a is b for a, b in zip(one, again, strict=True)), key
+        assert not all(torch.equal(a, b) for a, b in zip(one, later, strict=True)), key
+    gr = get_loss("gr").make()
+    w, b, mu, sigma = gr.kernel_args(Batch(observed, None, 2, 10))[1:5]
+    from spl.fit.losses.robust import gr_schedule
+
+    expected = gr_schedule(gr.options.k_schedule, gr.options.v_schedule, 2, 10)
+    assert [float(t) for t in (w, b, mu, sigma)] == list(expected)
+    assert w.dtype == torch.float64

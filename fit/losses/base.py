@@ -176,6 +176,21 @@ class Loss:
     def __init__(self, options: Any = None, context: Context | None = None) -> None:
         self.context = context or Context()
         self.options = options if options is not None else self.resolve({}, self.context)
+        self._epoch_tensors: dict[tuple, torch.Tensor] = {}
+
+    def epoch_tensor(
+        self, value: float | int | bool, device: torch.device, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A number that changes at most once an epoch (a schedule's value, a switch, LL's
+        k) as a tensor on ``device``: a tensor so that a compiled step does not recompile
+        each epoch, made once per value so that a step does not copy it to the device."""
+        key = (type(value), repr(value), str(device), dtype)  # repr: -0.0 is not 0.0
+        tensor = self._epoch_tensors.get(key)
+        if tensor is None:
+            if len(self._epoch_tensors) >= 64:  # one value an epoch: old ones never return
+                self._epoch_tensors.clear()
+            tensor = self._epoch_tensors[key] = torch.tensor(value, dtype=dtype, device=device)
+        return tensor
 
     # ------------------------------------------------------------------ options
 

@@ -93,7 +93,7 @@ class _LargeLoss(Loss):
         if batch.epoch >= 2 and clean_rate(self.options.delta_rel / 100, batch.epoch) != 1:
             k = self._count(observed.shape[-1] * observed.shape[-2], batch.epoch)
         # k as a tensor: it changes every epoch, and a compiled step must not recompile
-        return (observed, torch.tensor(k, device=observed.device), self.correct)
+        return (observed, self.epoch_tensor(k, observed.device), self.correct)
 
     @staticmethod
     def kernel(logits, observed, k, correct):

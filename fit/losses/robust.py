@@ -84,7 +84,7 @@ class GR(Loss):
         device = batch.observed.device
         return (
             batch.observed,
-            *(torch.tensor(v, dtype=torch.float64, device=device) for v in schedule),
+            *(self.epoch_tensor(v, device, torch.float64) for v in schedule),
             *o.q,
         )
 
@@ -173,7 +173,7 @@ class SPLC(Loss):
 
     def kernel_args(self, batch: Batch):
         o = self.options
-        correcting = torch.tensor(batch.epoch >= o.change_epoch, device=batch.observed.device)
+        correcting = self.epoch_tensor(batch.epoch >= o.change_epoch, batch.observed.device)
         return (batch.observed, correcting, o.tau, o.margin, o.gamma)
 
     @staticmethod

@@ -126,7 +126,7 @@ class EMPL(PseudoLabelLoss):
 
     def kernel_args(self, batch: Batch):
         positives, negatives = self._masks(batch)
-        used = torch.tensor(batch.epoch > self.options.warmup, device=batch.observed.device)
+        used = self.epoch_tensor(batch.epoch > self.options.warmup, batch.observed.device)
         return (batch.observed, positives, negatives, used, self.options.alpha,
                 self.options.beta_pos)  # fmt: skip
 
@@ -265,7 +265,7 @@ class GPR(PseudoLabelLoss):
         device = batch.observed.device
         return (
             batch.observed, positives, negatives,
-            *(torch.tensor(v, dtype=torch.float64, device=device) for v in schedule),
+            *(self.epoch_tensor(v, device, torch.float64) for v in schedule),
             *o.q, *o.lam, o.rho, o.reg, self.expected_positives(),
         )  # fmt: skip
 
