@@ -152,21 +152,35 @@ def cell_path(plan: Plan, cell: Cell) -> Path:
     return folder / table / dataset / f"{loss}.json"
 
 
-def _observed_sets(plan: Plan, dataset: str) -> set[str] | None:
-    from spl.data.prepared import load_prepared
-
-    if not (plan.root / dataset / "labels.h5").exists():
-        return None
-    return set(load_prepared(plan.root / dataset).observed)
-
-
-def _fingerprint(plan: Plan, dataset: str) -> str | None:
-    from spl.data.prepared import load_prepared
-
+def _prepared_facts(plan: Plan, dataset: str) -> tuple[str, frozenset[str]] | None:
+    """(fingerprint, observed set names) of a prepared dataset, None when not prepared;
+    ``labels.h5`` is read once per version of the file (an observe job adds sets), not
+    once per question: planning asks several times, and COCO's file takes seconds."""
     labels = plan.root / dataset / "labels.h5"
     if not labels.exists():
         return None
-    return load_prepared(labels.parent).fingerprint
+    stat = labels.stat()
+    return _read_prepared_facts(str(labels.parent), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_prepared_facts(
+    folder: str, inode: int, mtime_ns: int, size: int
+) -> tuple[str, frozenset[str]]:
+    from spl.data.prepared import load_prepared
+
+    prepared = load_prepared(Path(folder))
+    return prepared.fingerprint, frozenset(prepared.observed)
+
+
+def _observed_sets(plan: Plan, dataset: str) -> set[str] | None:
+    facts = _prepared_facts(plan, dataset)
+    return None if facts is None else set(facts[1])
+
+
+def _fingerprint(plan: Plan, dataset: str) -> str | None:
+    facts = _prepared_facts(plan, dataset)
+    return None if facts is None else facts[0]
 
 
 def cell_options(
