@@ -76,7 +76,7 @@ class Plan(ReproduceSettings):
 
     @property
     def default_protocol(self) -> bool:
-        return self.observed_name == protocol.OBSERVED and self.val == "full"
+        return not protocol_suffix(self.observed_name, self.val)
 
     def bias_kinds(self) -> list[str]:
         """The label-bias table's columns: semantic only with the click files."""
@@ -127,9 +127,16 @@ class Cell:
     def protocol_dir(self) -> str:
         """'' under the paper's protocol (the cell paths of earlier versions), else a folder
         naming the observed set and the val labels."""
-        if self.observed == protocol.OBSERVED and self.val == "full":
-            return ""
-        return f"{self.observed}.val-{self.val}"
+        return protocol_suffix(self.observed, self.val)
+
+
+def protocol_suffix(observed: str, val: str) -> str:
+    """'' under the paper's protocol, else what names the protocol in cell folders and
+    table and figure file names (``size-p1-s1200.val-observed``): the paper's protocol
+    keeps the names of earlier versions."""
+    if observed == protocol.OBSERVED and val == "full":
+        return ""
+    return f"{observed}.val-{val}"
 
 
 @dataclass
@@ -191,7 +198,7 @@ def cell_options(
     protocol is named only when it is not the paper's (records of earlier versions stay
     valid)."""
     base: dict = {"dataset_fingerprint": fingerprint, "feature_tag": plan.tag, "seeds": plan.seeds}
-    if observed != protocol.OBSERVED or val != "full":
+    if protocol_suffix(observed, val):
         base.update({"observed": observed, "val": val})
     if LOSSES[loss.partition("+")[0]].reads_scores:
         base["scores"] = plan.scores
@@ -675,9 +682,8 @@ def table_stem(plan: Plan, table: str) -> str:
     adds its observed set and val labels (``linear.size-p1-s1200.val-observed``)."""
     if table == "label-bias":
         return table if plan.val == "full" else f"{table}.val-{plan.val}"
-    if plan.default_protocol:
-        return table
-    return f"{table}.{plan.observed_name}.val-{plan.val}"
+    suffix = protocol_suffix(plan.observed_name, plan.val)
+    return f"{table}.{suffix}" if suffix else table
 
 
 def write_tables(plan: Plan, cells: list[Cell]) -> list[Path]:
@@ -724,8 +730,8 @@ def write_figure(plan: Plan, cells: list[Cell]) -> Path | None:
             panels.append((f"{LOSSES[loss].title} label estimator", estimates))
     if not panels:
         return None
-    stem = "" if plan.default_protocol else f".{plan.observed_name}.val-{plan.val}"
-    path = plan.out / f"figure_unobserved_positives{stem}.png"
+    suffix = protocol_suffix(plan.observed_name, plan.val)
+    path = plan.out / f"figure_unobserved_positives{'.' + suffix if suffix else ''}.png"
     return path if report.save_figure(path, dataset, panels) else None
 
 
