@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spl.data.common import SplError
-from spl.fit.losses import LOSSES, SINCE_2021, Context, apl_label, clean_rate, get_loss, loss
+from spl.fit.losses import LOSSES, SINCE_2021, Batch, Context, apl_label, clean_rate, get_loss, loss
 
 
 def sig(x):
@@ -284,3 +284,15 @@ def test_per_dataset_defaults_follow_the_prepared_dataset():
     # an option given by the user wins over the dataset's
     assert get_loss("em").make({"alpha": 0.5}, Context(5, dataset="coco14")).options.alpha == 0.5
     assert set(SINCE_2021) <= set(LOSSES)
+
+
+def test_em_closed_form_stays_finite_at_a_saturated_logit():
+    """EM labels nothing, so its closed form must not read the logits as targets: an
+    infinite logit times a zero weight was NaN where the loss itself is finite."""
+    made = get_loss("em").make()
+    logits = torch.tensor([[[30.0, float("inf"), -2.0], [0.5, -float("inf"), 1.0]]])
+    observed = torch.tensor([[1, 0, 0], [0, 0, 1]], dtype=torch.int8)
+    loss, grad = made.kernel(logits, *made.kernel_args(Batch(observed, None, 1, 10)))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    matrix, _ = made.value(logits, Batch(observed, None, 1, 10))
+    torch.testing.assert_close(loss, matrix.sum((-2, -1)) / 6)

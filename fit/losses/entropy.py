@@ -63,7 +63,8 @@ class EM(Loss):
 
     @staticmethod
     def kernel(logits, observed, alpha):
-        return em_kernel(logits, observed, torch.zeros_like(logits), logits, alpha, 0.0)
+        zeros = torch.zeros_like(logits)  # nothing labelled: the target is never read
+        return em_kernel(logits, observed, zeros, zeros, alpha, 0.0)
 
 
 def em_kernel(logits, observed, labelled, target, alpha, beta):
