@@ -80,7 +80,3 @@ class PseudoNegatives(Loss):
         mask = state["pseudo_negatives"]
         draw = pseudo_negative_mask(tuple(mask.shape), self.options.fraction, seed, epoch)
         mask.copy_(draw)  # in place: a captured CUDA graph reads this buffer
-
-    def batch_state(self, state, rows):
-        mask = state["pseudo_negatives"]
-        return {"pseudo_negatives": mask if rows is None else mask.index_select(0, rows)}

@@ -323,8 +323,14 @@ class Loss:
     def batch_state(
         self, state: dict[str, torch.Tensor], rows: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """The state ``value`` reads for the batch ``rows`` (None: every row)."""
-        return {}
+        """The state ``value`` reads for the batch ``rows`` (None: every row): by default the
+        state tensors named in ``batch_state_names``, their row axis second to last (per-row
+        ``[N, L]`` or per-head ``[h, N, L]``)."""
+        return {
+            name: state[name] if rows is None else state[name].index_select(-2, rows)
+            for name in self.batch_state_names
+            if name in state
+        }
 
     def on_epoch_start(
         self, state: dict[str, torch.Tensor], *, epoch: int, num_epochs: int, seed: int

@@ -164,10 +164,6 @@ class EMAPL(Loss):
             "unobserved_counts": unobserved.sum(dim=0).to(torch.long),  # U_i, at the start
         }
 
-    def batch_state(self, state, rows):
-        targets = state["pseudo_targets"]
-        return {"pseudo_targets": targets if rows is None else targets.index_select(-2, rows)}
-
     def wants_scores(self, *, epoch, num_epochs):
         return epoch >= self.options.warmup
 

@@ -165,10 +165,6 @@ class LLCp(_LargeLoss):
             )
         }
 
-    def batch_state(self, state, rows):
-        flipped = state["flipped"]
-        return {"flipped": flipped if rows is None else flipped.index_select(-2, rows)}
-
     def after_step(self, state, *, rows, logits, batch):
         _, _, _, selected, threshold = self.selection(logits, batch)
         if selected is None:

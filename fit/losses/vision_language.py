@@ -65,12 +65,6 @@ class PseudoLabelLoss(Loss):
             "pseudo_negatives": negatives.to(device=observed.device, dtype=torch.uint8),
         }
 
-    def batch_state(self, state, rows):
-        return {
-            name: state[name] if rows is None else state[name].index_select(0, rows)
-            for name in self.batch_state_names
-        }
-
     def _masks(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's masks as 0/1 in the observed labels' dtype (pseudo-negatives: none
         when not given)."""
