@@ -65,25 +65,28 @@ class _LargeLoss(Loss):
         return batch.observed
 
     def selection(self, logits: torch.Tensor, batch: Batch):
-        """(target y, loss, corrected loss, selected mask or None, threshold) of a batch."""
+        """(target y, loss, the unobserved entries' detached losses, selected mask,
+        threshold) of a batch; the last three None where nothing is selected."""
         observed = self._observed(batch).to(logits.dtype).expand_as(logits)
         target = observed.clamp(min=0)
         loss = bce_with_logits(logits, target)
-        corrected = bce_with_logits(logits, 1 - target)
         if batch.epoch < 2 or clean_rate(self.options.delta_rel / 100, batch.epoch) == 1:
-            return target, loss, corrected, None, None  # epoch 1: plain AN
+            return target, loss, None, None, None  # epoch 1: plain AN
         ranked = (observed == 0).to(loss.dtype) * loss.detach()
         flat = ranked.flatten(-2)
         k = self._count(flat.shape[-1], batch.epoch)
         k = min(k, flat.shape[-1])
         threshold = flat.topk(k, dim=-1).values[..., -1:]  # the k-th largest, per head
         threshold = threshold.unsqueeze(-1)
-        return target, loss, corrected, ranked >= threshold, threshold  # ties included
+        return target, loss, ranked, ranked >= threshold, threshold  # ties included
 
     def value(self, logits, batch: Batch):
-        _, loss, corrected, selected, _ = self.selection(logits, batch)
+        target, loss, _, selected, _ = self.selection(logits, batch)
         if selected is not None:
-            replacement = corrected if self.correct else torch.zeros_like(loss)
+            if self.correct:
+                replacement = bce_with_logits(logits, 1 - target)
+            else:
+                replacement = torch.zeros_like(loss)
             loss = torch.where(selected, replacement, loss)
         return loss, logits.new_zeros(logits.shape[:-2])
 
@@ -166,11 +169,9 @@ class LLCp(_LargeLoss):
         }
 
     def after_step(self, state, *, rows, logits, batch):
-        _, _, _, selected, threshold = self.selection(logits, batch)
+        _, _, ranked, selected, threshold = self.selection(logits, batch)
         if selected is None:
             return
-        observed = self._observed(batch).to(logits.dtype).expand_as(logits)
-        ranked = (observed == 0).to(logits.dtype) * bce_with_logits(logits, observed.clamp(min=0))
         newly = ranked > threshold  # strictly above: the release's flip test
         flipped = state["flipped"]
         view = flipped if flipped.dim() == 3 else flipped[None]
