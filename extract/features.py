@@ -174,16 +174,33 @@ def load_features(prepared: PreparedDataset, tag: str, *, check_finite: bool = T
                 f"{expected}; rebuild it: `{rebuild} --force`"
             )
         if check_finite:
-            finite = np.isfinite(features[src]).all(axis=1)
-            finite[bad[src]] = True  # rows recorded as bad are NaN on purpose
-            if not finite.all():
-                rows = np.nonzero(~finite)[0]
-                named = ", ".join(_split_row(prepared, src, r) for r in rows[:5])
-                raise SplError(
-                    f"{path}: NaN or infinite features in {len(rows)} {src} rows ({named}); "
-                    f"re-extract them: `{rebuild} --force`"
-                )
+            fix = f"re-extract them: `{rebuild} --force`"
+            refuse_non_finite(path, prepared, src, [features[src]], bad[src], "features", fix)
     return FeatureSet(path=path, tag=tag, features=features, bad_rows=bad, attrs=attrs)
+
+
+def refuse_non_finite(
+    path: Path,
+    prepared: PreparedDataset,
+    source: str,
+    arrays: list[np.ndarray],
+    bad: np.ndarray,
+    what: str,
+    fix: str,
+) -> None:
+    """Refuse the rows of a stage file's ``source`` arrays (rows first) that hold a NaN or an
+    infinite value, naming the first five by split; the rows recorded as bad are NaN on
+    purpose."""
+    finite = np.ones(len(arrays[0]), dtype=bool)
+    for array in arrays:
+        finite &= np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    finite[bad] = True
+    if not finite.all():
+        rows = np.nonzero(~finite)[0]
+        named = ", ".join(_split_row(prepared, source, r) for r in rows[:5])
+        raise SplError(
+            f"{path}: NaN or infinite {what} in {len(rows)} {source} rows ({named}); {fix}"
+        )
 
 
 def _split_row(prepared: PreparedDataset, source: str, row: int) -> str:

@@ -38,6 +38,7 @@ from spl.extract.features import (
     check_tag,
     library_versions,
     open_stage_file,
+    refuse_non_finite,
 )
 
 FORMAT = "spl.scores"
@@ -150,17 +151,8 @@ def load_scores(prepared: PreparedDataset, tag: str, *, check_finite: bool = Tru
             )
         if check_finite:
             arrays = [scores[src]] + ([tiles[src]] if tiles is not None else [])
-            finite = np.ones(len(scores[src]), dtype=bool)
-            for array in arrays:
-                finite &= np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-            finite[bad[src]] = True  # rows recorded as bad are NaN on purpose
-            if not finite.all():
-                rows = np.nonzero(~finite)[0]
-                named = ", ".join(_split_row(prepared, src, r) for r in rows[:5])
-                raise SplError(
-                    f"{path}: NaN or infinite scores in {len(rows)} {src} rows ({named}); "
-                    f"rebuild it: `{rebuild} --force`"
-                )
+            fix = f"rebuild it: `{rebuild} --force`"
+            refuse_non_finite(path, prepared, src, arrays, bad[src], "scores", fix)
     stored_classes = attrs.get("classes")
     if stored_classes and json.loads(stored_classes) != list(prepared.classes):
         raise SplError(f"{path}: its classes differ from {prepared.path}'s; rebuild it")

@@ -489,3 +489,37 @@ def test_a_declared_tag_gives_a_file_the_tags_activation_and_normalisation(
     _, attrs = _arrays(demo / "scores" / f"openclip-{TINY}-fancy-{TINY_SIZE}.h5")
     assert attrs["weights"] == "fancy" and attrs["weights_sha256"] == digest
     assert json.loads(attrs["transform"])["std"] == [0.25] * 3
+
+
+@pytest.mark.parametrize("module", [feature_file, scores_file], ids=["features", "scores"])
+def test_a_stage_file_with_non_finite_rows_is_refused_unless_they_are_recorded_bad(demo, module):
+    prepared = load_prepared(demo)
+    counts = {src: len(prepared.images[src]) for src in ("trainval", "test")}
+    arrays = {src: np.ones((n, prepared.num_classes), np.float32) for src, n in counts.items()}
+    arrays["trainval"][[5, 9]] = np.nan
+    arrays["test"][2, 1] = np.inf
+    attrs = {"tag": "t", "dataset_fingerprint": prepared.fingerprint, "dataset_name": "demo"}
+    features = module is feature_file
+    folder, what = ("features", "features") if features else ("scores", "scores")
+    path, load = demo / folder / "t.h5", module.load_features if features else load_scores
+
+    def write(bad):
+        if features:
+            module.write_features(path, arrays, {**attrs, "backbone": "x"}, bad_rows=bad,
+                                  force=True)  # fmt: skip
+        else:
+            extra = {"scorer": "imported", "classes": list(prepared.classes), "grid": 0}
+            module.write_scores(path, arrays, {**attrs, **extra}, bad_rows=bad, force=True)
+
+    path.parent.mkdir(exist_ok=True)
+    write(None)
+    with pytest.raises(SplError) as caught:
+        load(prepared, "t")
+    rows = ", ".join(feature_file._split_row(prepared, "trainval", r) for r in (5, 9))
+    assert f"{path}: NaN or infinite {what} in 2 trainval rows ({rows}); " in str(caught.value)
+    write({"trainval": [5, 9]})
+    with pytest.raises(SplError, match=rf"infinite {what} in 1 test rows \(test split row 2\)"):
+        load(prepared, "t")
+    write({"trainval": [5, 9], "test": [2]})
+    assert load(prepared, "t").bad_rows["test"].tolist() == [2]
+    assert load(prepared, "t", check_finite=False) is not None
