@@ -201,10 +201,11 @@ def apl_label(
     their score, n_i = int(proportion * U_i / remaining_epochs). ``targets`` and
     ``scores`` ``[h, N, L]``, ``unobserved`` ``[N, L]`` (observed entries are never
     labelled), ``unobserved_counts`` U_i ``[L]``."""
-    counts = (proportion * unobserved_counts.double() / remaining_epochs).long()  # int()
+    # int(), read once: each count read from a CUDA tensor in the loop would wait on it
+    counts = (proportion * unobserved_counts.double() / remaining_epochs).long().tolist()
     for head in range(targets.shape[0]):
         for cls in range(targets.shape[-1]):
-            n = int(counts[cls])
+            n = counts[cls]
             if n <= 0:
                 continue
             column = targets[head, :, cls]
@@ -216,4 +217,4 @@ def apl_label(
             # np.argsort's quicksort leaves ties in no set order; a stable sort fixes one.
             order = torch.argsort(values, stable=True)[:n]
             chosen = candidates[order]
-            column[chosen] = scores[head, chosen, cls].to(column.dtype)
+            column[chosen] = values[order].to(column.dtype)
