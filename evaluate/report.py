@@ -46,12 +46,14 @@ def _title(losses: Mapping[str, Any], key: str) -> str:
 def protocol_text(observed: str, val: str) -> str:
     """One line naming the protocol that made a result: which observed labels trained it and
     which val labels selected its epoch and configuration (test mAP always uses full labels)."""
-    selection = (
-        "the val split's full labels (the paper's)"
-        if val == "full"
-        else "the val split's observed single positives (no full labels used)"
-    )
-    return f"Protocol: trained on observed set `{observed}`; selected on {selection}."
+    return f"Protocol: trained on observed set `{observed}`; {selection_text(val)}"
+
+
+def selection_text(val: str) -> str:
+    """Which val labels selected the epoch and configuration, as a clause."""
+    if val == "full":
+        return "selected on the val split's full labels (the paper's)."
+    return "selected on the val split's observed single positives (no full labels used)."
 
 
 def linear_summary(

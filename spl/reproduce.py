@@ -667,7 +667,7 @@ def build_table(plan: Plan, table: str, cells: list[Cell]) -> dict:
             "crowdsourced-click weight (semantic); docs/biased-labels.md. Observed sets: "
             + ", ".join(f"{k} `{name}`" for name, k in drawn.items())
             + ". "
-            + report.protocol_text("(each column's)", plan.val).split("; ", 1)[1]
+            + report.selection_text(plan.val)
         )
         return data
     mine = [(c.loss, c.dataset, c.status, c.record) for c in _mine(plan, cells) if c.table == table]
