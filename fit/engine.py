@@ -129,10 +129,6 @@ def gradient_route(loss: type[Loss]) -> str:
     return "autograd"
 
 
-def _overrides(loss: Loss, hook: str) -> bool:
-    return getattr(type(loss), hook) is not getattr(Loss, hook)
-
-
 class _Group:
     """The heads of one (batch size, seed): stacked weights, their Adam, the losses' state.
 
@@ -198,7 +194,7 @@ class _Group:
         ]  # fmt: skip
         self.kernel_slots = [s for s in self.slots.values() if s.route == "kernel"]
         self.custom_slots = [s for s in self.slots.values() if s.route in ("closed_form", "autograd")]  # fmt: skip
-        self.hooked_slots = [s for s in self.slots.values() if _overrides(s.loss, "after_step")]
+        self.hooked_slots = [s for s in self.slots.values() if s.loss.overrides("after_step")]
         # A CUDA graph replays the kernels it captured with the values they had then. Only
         # the weighted tables and the fused losses' state are device buffers updated in
         # place; a kernel loss's arguments are built in Python every step (this epoch's

@@ -406,7 +406,7 @@ class FineTuner:
                     module.eval()
         amp = self.amp and device.type == "cuda"
         channels_last = self.channels_last and device.type == "cuda"
-        hooked = type(self.loss).after_step is not Loss.after_step
+        hooked = self.loss.overrides("after_step")
         total, steps = 0.0, 0
         wait_start = time.perf_counter()
         for step, (images, labels, observed, index) in enumerate(loader):

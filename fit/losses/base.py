@@ -173,6 +173,11 @@ class Loss:
     # per-dataset settings): {dataset: {option: value}}; other datasets take voc12's.
     dataset_options: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    def overrides(self, hook: str) -> bool:
+        """Whether this loss has its own ``hook`` (e.g. ``after_step``): the trainers call
+        a hook, and gather what it needs across processes, only where one does work."""
+        return getattr(type(self), hook) is not getattr(Loss, hook)
+
     def __init__(self, options: Any = None, context: Context | None = None) -> None:
         self.context = context or Context()
         self.options = options if options is not None else self.resolve({}, self.context)
