@@ -207,7 +207,8 @@ def section(path: Path, number: int) -> str:
     """The text of section ``## number.`` of a document, up to the next ``## `` heading."""
     text = path.read_text(encoding="utf-8")
     match = re.search(rf"^## {number}\. .*?(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"{path.name} has no section {number}"
+    if match is None:
+        pytest.fail(f"{path.name} has no section {number} (a '## {number}.' heading)")
     return match.group(0)
 
 
