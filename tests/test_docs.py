@@ -179,7 +179,7 @@ def test_the_citation_check_finds_what_it_should(tmp_path):
     (tmp_path / "docs" / "guide.md").write_text(
         "[ok](./protocol.md) [broken](docs/protocol.md) see protocol.md section 2\n"
     )
-    (tmp_path / "README.md").write_text("[guide](docs/guide.md), `../shared/docs/x.md`\n")
+    (tmp_path / "README.md").write_text("[guide](docs/guide.md), `../outside/x.md`\n")
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text(
         f'"""From {note} section 2 and docs/protocol.md sections 1-2 (docs/protocol.md s3).\n'
@@ -190,7 +190,7 @@ def test_the_citation_check_finds_what_it_should(tmp_path):
     got = sorted(problems(tmp_path))
     assert got == sorted(
         [
-            "README.md:1: ../shared/docs/x.md: no such file in the repository",
+            "README.md:1: ../outside/x.md: no such file in the repository",
             "docs/guide.md:1: docs/protocol.md: no such file in the repository",
             f"pkg/mod.py:1: {note}: no such file in the repository",
             "pkg/mod.py:1: docs/protocol.md: no section [3] (a '## N.' heading)",
