@@ -57,9 +57,18 @@ class _LargeLoss(Loss):
                 f"{self.key}: delta_rel is a percentage in (0, 100), got {self.options.delta_rel}"
             )
 
+    @property
+    def delta(self) -> float:
+        """delta_rel as the fraction the release computes with: its config divides the
+        percentage by 100 once, before any other arithmetic (docs/methods.md section 3)."""
+        return self.options.delta_rel / 100
+
     def _count(self, entries: int, epoch: int) -> int:
-        """k, the number of entries modified in a batch of ``entries`` at ``epoch``."""
-        return math.ceil(entries * (1 - clean_rate(self.options.delta_rel / 100, epoch)))
+        """k, the number of entries modified in a batch of ``entries`` = B x L at ``epoch``:
+        ceil(B L (1 - clean_rate)), in the release's order of operations (the product of
+        the batch's size with the rate, the rate by repeated subtraction of delta), which
+        decides ceil() at the margins."""
+        return math.ceil(entries * (1 - clean_rate(self.delta, epoch)))
 
     def _observed(self, batch: Batch) -> torch.Tensor:
         return batch.observed
@@ -70,7 +79,7 @@ class _LargeLoss(Loss):
         observed = self._observed(batch).to(logits.dtype).expand_as(logits)
         target = observed.clamp(min=0)
         loss = bce_with_logits(logits, target)
-        if batch.epoch < 2 or clean_rate(self.options.delta_rel / 100, batch.epoch) == 1:
+        if batch.epoch < 2 or clean_rate(self.delta, batch.epoch) == 1:
             return target, loss, None, None, None  # epoch 1: plain AN
         ranked = (observed == 0).to(loss.dtype) * loss.detach()
         flat = ranked.flatten(-2)
@@ -93,7 +102,7 @@ class _LargeLoss(Loss):
     def kernel_args(self, batch: Batch):
         observed = self._observed(batch)
         k = 0  # epoch 1: plain AN
-        if batch.epoch >= 2 and clean_rate(self.options.delta_rel / 100, batch.epoch) != 1:
+        if batch.epoch >= 2 and clean_rate(self.delta, batch.epoch) != 1:
             k = self._count(observed.shape[-1] * observed.shape[-2], batch.epoch)
         # k as a tensor: it changes every epoch, and a compiled step must not recompile
         return (observed, self.epoch_tensor(k, observed.device), self.correct)
@@ -153,7 +162,10 @@ class LLCp(_LargeLoss):
     dataset_options = {d: {"delta_rel": v} for d, v in DELTA_REL["ll_cp"].items()}
 
     def _count(self, entries, epoch):
-        return math.ceil(entries * self.options.delta_rel / 100)
+        # ceil(B L delta) with delta = delta_rel / 100 computed first, as the release's
+        # LL-Cp branch would (docs/methods.md section 3): B L delta_rel / 100 rounds
+        # differently, e.g. 200 x 0.035 = 7.000000000000001 gives 8, 200 x 3.5 / 100 gives 7.
+        return math.ceil(entries * self.delta)
 
     def _observed(self, batch: Batch) -> torch.Tensor:
         flipped = batch.state.get("flipped")
