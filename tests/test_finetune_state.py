@@ -279,7 +279,7 @@ def _refusal_cases(command: str) -> list[tuple[list, list[str]]]:
     for key in ("ll_r", "ll_ct", "ll_cp"):
         for value in (0, 100, -0.5):
             cases.append(([many, key, "--loss-option", f"{key}.delta_rel={value}"],
-                          [f"{key}: delta_rel", "(0, 100)"]))  # fmt: skip
+                          [f"{key}.delta_rel = {value:g} is outside its range (0, 100)"]))  # fmt: skip
     for key in ("em", "em_apl"):
         cases.append(([many, key, "--observed", NEGATIVES],
                       [f"{key} assumes single positives", repr(NEGATIVES)]))  # fmt: skip

@@ -315,7 +315,7 @@ def test_apl_labels_the_lowest_scores_and_accumulates():
 
 
 def test_bad_options_and_observed_negatives_are_refused():
-    with pytest.raises(SplError, match="delta_rel is a percentage in \\(0, 100\\)"):
+    with pytest.raises(SplError, match="ll_r.delta_rel = 150 is outside its range \\(0, 100\\)"):
         get_loss("ll_r").make({"delta_rel": 150})
     apl = get_loss("em_apl").make({"warmup": 8})
     with pytest.raises(SplError, match="warmup 8 is at or past the number of epochs"):

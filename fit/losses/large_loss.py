@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spl.data.common import SplError
-from spl.fit.losses.base import Batch, Loss
+from spl.fit.losses.base import Batch, Loss, option
 
 SOURCE = "Kim et al., CVPR 2022 (snucml/LargeLossMatters)"
 # Per dataset and variant (in percent), from the authors (LargeLossMatters issue #4).
@@ -49,13 +48,9 @@ class _LargeLoss(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        delta_rel: float = 0.2  # percent, as the release's --delta_rel
-
-    def check_options(self):
-        if not 0 < self.options.delta_rel < 100:
-            raise SplError(
-                f"{self.key}: delta_rel is a percentage in (0, 100), got {self.options.delta_rel}"
-            )
+        # percent per epoch, as the release's --delta_rel: the share of a batch's entries
+        # selected grows by it each epoch
+        delta_rel: float = option(0.2, "(0, 100)")
 
     @property
     def delta(self) -> float:
