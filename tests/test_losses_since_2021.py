@@ -325,6 +325,30 @@ def test_bad_options_and_observed_negatives_are_refused():
     assert get_loss("em").single_positive_only and not get_loss("gr").single_positive_only
 
 
+@pytest.mark.parametrize("key", ["em_apl", "em_pl"])
+def test_a_warmup_refusal_suggests_a_fix_that_works(key):
+    """Each refusal's advice, followed, is accepted: a warm-up W in the range it names, or
+    (APL at one epoch, where no W >= 1 fits) the number of epochs it names."""
+    import re
+
+    for epochs in range(1, 6):
+        made = get_loss(key).make({"warmup": epochs}, Context(5))
+        with pytest.raises(SplError) as refused:
+            made.check_epochs(epochs)
+        message = str(refused.value)
+        named = re.search(rf"{key}\.warmup=W with (\d+) <= W <= (\d+)", message)
+        if named:
+            low, high = int(named.group(1)), int(named.group(2))
+            assert low <= high
+            for warmup in range(low, high + 1):
+                get_loss(key).make({"warmup": warmup}, Context(5)).check_epochs(epochs)
+        else:
+            assert key == "em_apl" and epochs == 1, message
+            more = int(re.search(r"--epochs (\d+) or more", message).group(1))
+            assert "or the loss em" in message and "W < 1" not in message
+            get_loss(key).make({"warmup": 1}, Context(5)).check_epochs(more)
+
+
 def test_per_dataset_defaults_follow_the_prepared_dataset():
     for dataset, alpha in (("voc12", 0.2), ("coco14", 0.1), ("cub", 0.01), ("pets", 0.2)):
         assert get_loss("em").make(context=Context(5, dataset=dataset)).options.alpha == alpha

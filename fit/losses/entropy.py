@@ -106,12 +106,22 @@ class EMAPL(Loss):
         negative_proportion: float = option(0.9, "(0, 1]")
 
     def check_epochs(self, num_epochs):
-        if self.options.warmup >= num_epochs:
-            raise SplError(
-                f"em_apl: warmup {self.options.warmup} is at or past the number of epochs "
-                f"({num_epochs}): APL would never label. Use --loss-option em_apl.warmup=W "
-                f"with W < {num_epochs}, or more --epochs"
+        warmup = self.options.warmup
+        if warmup < num_epochs:
+            return
+        if num_epochs < 2:
+            # warmup >= 1, and labels made after the last epoch are never trained on
+            advice = (
+                "APL labels after an epoch and trains on the labels from the next, so it "
+                "needs at least 2 epochs: use --epochs 2 or more, or the loss em"
             )
+        else:
+            # (not "more --epochs": finetune --recipe source fixes the release's epochs)
+            advice = f"use --loss-option em_apl.warmup=W with 1 <= W <= {num_epochs - 1}"
+        raise SplError(
+            f"em_apl: warmup {warmup} is at or past the number of epochs ({num_epochs}): "
+            f"APL would never label; {advice}"
+        )
 
     @staticmethod
     def _targets(batch: Batch, dtype) -> tuple[torch.Tensor, torch.Tensor]:
