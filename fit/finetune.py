@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from spl.data import protocol
-from spl.data.loaders import ImageSplits
+from spl.data.loaders import ImageSplits, steps_per_epoch
 from spl.data.runtime import stream_seed
 from spl.evaluate.metrics import mean_average_precision
 from spl.evaluate.scoring import head_scores, recovery_map
@@ -347,10 +347,15 @@ class FineTuner:
         return trainable
 
     def _scheduler(self, recipe: Recipe, data: ImageSplits):
-        """The recipe's lr schedule over the optimiser (None: a constant lr)."""
+        """The recipe's lr schedule over the optimiser (None: a constant lr). OneCycleLR is
+        laid out for the recipe's epochs of this run's steps per epoch (ceil(N / B) where
+        the recipe keeps the last partial batch, as the release's len(train_loader))."""
         if recipe.schedule != "onecycle":
             return None
-        steps = len(data.datasets["train"]) // self.batch_size
+        steps = steps_per_epoch(
+            len(data.datasets["train"]), self.batch_size, world=data.procs.world,
+            drop_last=recipe.drop_last,
+        )  # fmt: skip
         return torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer_, max_lr=[g["lr"] for g in self.optimizer_.param_groups],
             total_steps=(recipe.schedule_epochs or self.epochs) * steps,
@@ -386,7 +391,8 @@ class FineTuner:
         self, model: nn.Module, data: ImageSplits, epoch: int, recipe: Recipe, on_step
     ) -> dict:
         """Epoch ``epoch``: its seeded draws, the loss's epoch hooks around one pass over the
-        batches, the ranks' BatchNorm statistics made rank 0's."""
+        recipe's batches (the last partial one dropped or kept), the ranks' BatchNorm
+        statistics made rank 0's."""
         procs, trainable = data.procs, self.model_
         torch.manual_seed(stream_seed(self.seed, epoch, "finetune"))  # this epoch's draws
         self.loss.on_epoch_start(
@@ -396,7 +402,7 @@ class FineTuner:
         if data.cache_images:
             generator = torch.Generator(device=procs.device)
             generator.manual_seed(stream_seed(self.seed, epoch, "finetune"))
-        loader = data.train_loader(self.batch_size, self.seed, epoch)
+        loader = data.train_loader(self.batch_size, self.seed, epoch, drop_last=recipe.drop_last)
         stats = self.train_epoch(
             model, self.optimizer_, loader, procs.device, epoch, scheduler=self.scheduler_,
             prepare=data.prepare(train=True, generator=generator), on_step=on_step,
