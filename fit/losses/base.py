@@ -29,6 +29,7 @@ Tensors a loss receives have the heads, if any, in front: ``logits [..., B, L]``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -523,9 +524,13 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+@functools.cache
+def _type_hints(owner: type) -> dict[str, Any]:
+    return typing.get_type_hints(owner)  # read once per Options class: loss() runs per batch
+
+
 def _field_type(owner: type, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(owner)
-    return hints[f.name]
+    return _type_hints(owner)[f.name]
 
 
 def _type_name(f: dataclasses.Field) -> str:
