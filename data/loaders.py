@@ -5,6 +5,7 @@ processes of a torchrun job."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -14,6 +15,43 @@ from spl.data.prepared import PreparedDataset
 from spl.data.runtime import Processes, default_workers, generator
 
 SPLITS = ("train", "val", "test")
+
+
+def train_batches(
+    rows: int, batch_size: int, *, seed: int, epoch: int, world: int = 1, rank: int = 0,
+    drop_last: bool = True,
+):  # fmt: skip
+    """The batches of row indices one process trains on in an epoch: the rows shuffled by
+    (seed, epoch), in batches of ``batch_size`` (the global batch: each of ``world``
+    processes takes ``batch_size / world`` of each, which must divide).
+
+    ``drop_last``: the paper's code drops the last partial batch (floor(rows / B) steps);
+    the releases since keep it (ceil(rows / B) steps). Kept under torchrun, the last global
+    batch is split evenly: PyTorch's DistributedSampler pads the epoch with up to
+    ``world - 1`` rows repeated from its start, so that every process takes the same number
+    of rows in every step (no process waits for a step the others never take) and DDP's
+    average of the processes' gradients is the mean over the global batch."""
+    from torch.utils.data import BatchSampler, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    if world > 1:
+        sampler = DistributedSampler(
+            range(rows), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+            drop_last=drop_last,
+        )  # fmt: skip
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(range(rows), generator=generator(seed, epoch, "finetune"))
+    return BatchSampler(sampler, batch_size // world, drop_last=drop_last)
+
+
+def steps_per_epoch(rows: int, batch_size: int, *, world: int = 1, drop_last: bool = True) -> int:
+    """The optimiser steps of an epoch (the same on every process): floor(rows / B) when the
+    last partial batch is dropped, ceil(rows / B) when it is kept, B the global batch."""
+    share = batch_size // world
+    if drop_last:
+        return (rows // world) // share
+    return math.ceil(math.ceil(rows / world) / share)
 
 
 class ImageSplits:
@@ -92,23 +130,17 @@ class ImageSplits:
             images, train=train, mean=self.mean, std=self.std, generator=generator
         )
 
-    def train_loader(self, batch_size: int, seed: int, epoch: int):
-        """The shuffled batches of one epoch (the last partial one dropped), a function of
-        (seed, epoch); under torchrun each process takes batch_size / N of each batch."""
-        from torch.utils.data import BatchSampler, DataLoader, RandomSampler
-        from torch.utils.data.distributed import DistributedSampler
+    def train_loader(self, batch_size: int, seed: int, epoch: int, *, drop_last: bool = True):
+        """The shuffled batches of one epoch, a function of (seed, epoch), the last partial
+        one dropped (the paper's) or kept (``drop_last=False``, the releases since); under
+        torchrun each process takes batch_size / N of each batch (:func:`train_batches`)."""
+        from torch.utils.data import DataLoader
 
         dataset = self.datasets["train"]
-        world = self.procs.world
-        if world > 1:
-            sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=self.procs.rank, shuffle=True, seed=seed,
-                drop_last=True,
-            )  # fmt: skip
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=generator(seed, epoch, "finetune"))
-        batches = BatchSampler(sampler, batch_size // world, drop_last=True)
+        batches = train_batches(
+            len(dataset), batch_size, seed=seed, epoch=epoch, world=self.procs.world,
+            rank=self.procs.rank, drop_last=drop_last,
+        )  # fmt: skip
         return DataLoader(
             dataset, batch_sampler=batches, num_workers=self.workers,
             pin_memory=self.procs.device.type == "cuda", persistent_workers=False,

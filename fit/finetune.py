@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from spl.data import protocol
-from spl.data.loaders import ImageSplits
+from spl.data.loaders import ImageSplits, steps_per_epoch
 from spl.data.runtime import stream_seed
 from spl.evaluate.metrics import mean_average_precision
 from spl.evaluate.scoring import head_scores, recovery_map
@@ -272,97 +272,30 @@ class FineTuner:
         record (epoch, val mAP, whether it improved); ``on_step(step, waited, seconds)``
         reports timing. ``val_labels`` select the best epoch (the val split's full labels by
         default). Afterwards the best weights are loaded and the test split scored."""
-        procs = data.procs
-        device = procs.device
-        cuda = device.type == "cuda"
-        torch.manual_seed(stream_seed(self.seed, 0, "finetune"))
-        classifier = make_classifier()
-        if head is not None:
-            with torch.no_grad():
-                classifier.head.weight.copy_(head[0])
-                classifier.head.bias.copy_(head[1])
-        observed = torch.from_numpy(data.observed().astype(np.float32))
-        state = self.loss.init_state(observed, heads=1, seed=self.seed)
-        state = {name: tensor[0] if tensor.dim() == 3 else tensor for name, tensor in state.items()}
-        if initial_state:
-            state = self.loss.state_from_linear(initial_state, state)
-        trainable = Trainable(classifier, self.loss, state).to(device)
-        if self.channels_last and cuda:
-            trainable = trainable.to(memory_format=torch.channels_last)
-        if self.sync_batchnorm and procs.world > 1:
-            trainable = nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
-        self.model_ = trainable
         recipe = self.recipe or PAPER_RECIPE
-        optimizer = make_optimizer(trainable, self.lr, recipe)
-        self.optimizer_ = optimizer
-        self.scheduler_ = None
-        if recipe.schedule == "onecycle":
-            steps = len(data.datasets["train"]) // self.batch_size
-            self.scheduler_ = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                total_steps=(recipe.schedule_epochs or self.epochs) * steps,
-                pct_start=recipe.pct_start,
-            )  # fmt: skip
-        progress = {"epoch": 0, "best_val": -1.0, "best_epoch": 0}
-        self.best_state_ = None
-        if checkpoint is not None:
-            trainable.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if self.scheduler_ is not None:
-                self.scheduler_.load_state_dict(checkpoint["scheduler"])
-            progress = dict(checkpoint["state"])
-            self.best_state_ = None if best is None else best["model"]
+        trainable = self._build(make_classifier, data, head, initial_state)
+        self.model_ = trainable
+        self.optimizer_ = make_optimizer(trainable, self.lr, recipe)
+        self.scheduler_ = self._scheduler(recipe, data)
+        progress = self._restore(checkpoint, best)
         self.history_: list[dict] = []
-        model: nn.Module = trainable
-        if procs.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(trainable, device_ids=[device.index] if cuda else None)
+        model = self._distributed(trainable, data.procs)
         if val_labels is None:
             val_labels = data.labels("val")
         if progress["epoch"] == 0 and head is not None:
             # Epoch 0: the untouched LinearInit model, to show where fine-tuning starts.
             val0 = split_map(self._logits(data, "val"), val_labels)
-            record = {"epoch": 0, "val_map": val0, "improved": False}
-            self.history_.append(record)
-            if on_epoch is not None:
-                on_epoch(self, record)
+            self._record({"epoch": 0, "val_map": val0, "improved": False}, on_epoch)
         while progress["epoch"] < self.epochs and not progress.get("stopped"):
             epoch = progress["epoch"] + 1
-            torch.manual_seed(stream_seed(self.seed, epoch, "finetune"))  # this epoch's draws
-            self.loss.on_epoch_start(
-                trainable.state(), epoch=epoch, num_epochs=self.epochs, seed=self.seed
-            )
-            generator = None
-            if data.cache_images:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(stream_seed(self.seed, epoch, "finetune"))
-            stats = self.train_epoch(
-                model, optimizer, data.train_loader(self.batch_size, self.seed, epoch), device,
-                epoch, scheduler=self.scheduler_, prepare=data.prepare(train=True,
-                generator=generator), on_step=on_step, world=procs.world,
-            )  # fmt: skip
-            if procs.world > 1:
-                broadcast_buffers(trainable)
-            self._end_epoch(trainable, data, epoch)
+            stats = self._train_one_epoch(model, data, epoch, recipe, on_step)
             val_map = split_map(self._logits(data, "val"), val_labels)
-            improved = val_map > progress["best_val"]
-            history = [*progress.get("val_history", []), val_map]
-            progress = {
-                "epoch": epoch,
-                "best_val": max(val_map, progress["best_val"]),
-                "best_epoch": epoch if improved else progress["best_epoch"],
-            }
-            if recipe is not PAPER_RECIPE:  # the paper trains every epoch
-                progress["val_history"] = history
-                progress["stopped"] = recipe.early_stop.stop(history)
+            progress, improved = self._advance(progress, epoch, val_map, recipe)
             if improved:
                 self.best_state_ = _copy_state(trainable)
             self.progress_ = progress
             record = {"epoch": epoch, "val_map": val_map, "improved": improved, **stats}
-            self.history_.append(record)
-            if on_epoch is not None:
-                on_epoch(self, record)
+            self._record(record, on_epoch)
         self.progress_ = progress
         self.best_epoch_ = int(progress["best_epoch"])
         self.best_val_map_ = float(progress["best_val"])
@@ -383,6 +316,123 @@ class FineTuner:
         return saved
 
     # ------------------------------------------------------------------ internals
+
+    def _build(
+        self,
+        make_classifier: Callable[[], Classifier],
+        data: ImageSplits,
+        head: tuple[torch.Tensor, torch.Tensor] | None,
+        initial_state: dict[str, torch.Tensor] | None,
+    ) -> Trainable:
+        """The network (a fresh head is a function of the seed, or LinearInit's) and the
+        loss's per-row state for the training rows, on the device."""
+        procs = data.procs
+        device = procs.device
+        torch.manual_seed(stream_seed(self.seed, 0, "finetune"))
+        classifier = make_classifier()
+        if head is not None:
+            with torch.no_grad():
+                classifier.head.weight.copy_(head[0])
+                classifier.head.bias.copy_(head[1])
+        observed = torch.from_numpy(data.observed().astype(np.float32))
+        state = self.loss.init_state(observed, heads=1, seed=self.seed)
+        state = {name: tensor[0] if tensor.dim() == 3 else tensor for name, tensor in state.items()}
+        if initial_state:
+            state = self.loss.state_from_linear(initial_state, state)
+        trainable = Trainable(classifier, self.loss, state).to(device)
+        if self.channels_last and device.type == "cuda":
+            trainable = trainable.to(memory_format=torch.channels_last)
+        if self.sync_batchnorm and procs.world > 1:
+            trainable = nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
+        return trainable
+
+    def _scheduler(self, recipe: Recipe, data: ImageSplits):
+        """The recipe's lr schedule over the optimiser (None: a constant lr). OneCycleLR is
+        laid out for the recipe's epochs of this run's steps per epoch (ceil(N / B) where
+        the recipe keeps the last partial batch, as the release's len(train_loader))."""
+        if recipe.schedule != "onecycle":
+            return None
+        steps = steps_per_epoch(
+            len(data.datasets["train"]), self.batch_size, world=data.procs.world,
+            drop_last=recipe.drop_last,
+        )  # fmt: skip
+        return torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer_, max_lr=[g["lr"] for g in self.optimizer_.param_groups],
+            total_steps=(recipe.schedule_epochs or self.epochs) * steps,
+            pct_start=recipe.pct_start,
+        )  # fmt: skip
+
+    def _restore(self, checkpoint: dict | None, best: dict | None) -> dict:
+        """The progress to continue from: a fresh run's, or the checkpoint's (its model,
+        optimiser and schedule loaded, the best epoch's weights kept aside)."""
+        self.best_state_ = None
+        if checkpoint is None:
+            return {"epoch": 0, "best_val": -1.0, "best_epoch": 0}
+        self.model_.load_state_dict(checkpoint["model"])
+        self.optimizer_.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler_ is not None:
+            self.scheduler_.load_state_dict(checkpoint["scheduler"])
+        self.best_state_ = None if best is None else best["model"]
+        return dict(checkpoint["state"])
+
+    @staticmethod
+    def _distributed(trainable: Trainable, procs) -> nn.Module:
+        """What the steps run: DDP over the trainable under torchrun, else itself."""
+        if procs.world == 1:
+            return trainable
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = procs.device
+        return DistributedDataParallel(
+            trainable, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def _train_one_epoch(
+        self, model: nn.Module, data: ImageSplits, epoch: int, recipe: Recipe, on_step
+    ) -> dict:
+        """Epoch ``epoch``: its seeded draws, the loss's epoch hooks around one pass over the
+        recipe's batches (the last partial one dropped or kept), the ranks' BatchNorm
+        statistics made rank 0's."""
+        procs, trainable = data.procs, self.model_
+        torch.manual_seed(stream_seed(self.seed, epoch, "finetune"))  # this epoch's draws
+        self.loss.on_epoch_start(
+            trainable.state(), epoch=epoch, num_epochs=self.epochs, seed=self.seed
+        )
+        generator = None
+        if data.cache_images:
+            generator = torch.Generator(device=procs.device)
+            generator.manual_seed(stream_seed(self.seed, epoch, "finetune"))
+        loader = data.train_loader(self.batch_size, self.seed, epoch, drop_last=recipe.drop_last)
+        stats = self.train_epoch(
+            model, self.optimizer_, loader, procs.device, epoch, scheduler=self.scheduler_,
+            prepare=data.prepare(train=True, generator=generator), on_step=on_step,
+            world=procs.world,
+        )  # fmt: skip
+        if procs.world > 1:
+            broadcast_buffers(trainable)
+        self._end_epoch(trainable, data, epoch)
+        return stats
+
+    @staticmethod
+    def _advance(progress: dict, epoch: int, val_map: float, recipe: Recipe) -> tuple[dict, bool]:
+        """(the progress after ``epoch``, whether its val mAP improved on the best): the best
+        epoch so far and, under a release's recipe, its early-stopping rule."""
+        improved = val_map > progress["best_val"]
+        history = [*progress.get("val_history", []), val_map]
+        advanced = {
+            "epoch": epoch,
+            "best_val": max(val_map, progress["best_val"]),
+            "best_epoch": epoch if improved else progress["best_epoch"],
+        }
+        if recipe is not PAPER_RECIPE:  # the paper trains every epoch
+            advanced["val_history"] = history
+            advanced["stopped"] = recipe.early_stop.stop(history)
+        return advanced, improved
+
+    def _record(self, record: dict, on_epoch: Callable[[FineTuner, dict], None] | None) -> None:
+        self.history_.append(record)
+        if on_epoch is not None:
+            on_epoch(self, record)
 
     def _logits(self, data: ImageSplits, split: str) -> torch.Tensor:
         return split_logits(

@@ -5,6 +5,13 @@ configuration each, with their own optimiser, head lr multiplier, epochs and ear
 
 What a recipe cannot carry here is named in its ``departures``: the robust-loss release's
 (Hill, SPLC, ASL) EMA of the weights, CutoutPIL + RandAugment and un-normalised inputs.
+
+Batching follows each source's train loader (docs/recipes.md section 6): the paper's code
+drops the last partial batch; every release since keeps it (its DataLoader has
+``drop_last=False``: EM and EM + APL's main.py, LargeLoss's, GR's and AEVLP's train.py,
+VLPL's main_clip.py; the robust-loss release's train.py leaves DataLoader's default,
+False), so an epoch there is ceil(N / B) steps. ``spl fit-linear`` keeps the paper's rule
+for every loss, so that the linear table compares the losses under one protocol.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ class EarlyStop:
 @dataclass(frozen=True)
 class Recipe:
     """One fine-tuning configuration: optimiser, lr, the head's lr multiplier, batch size,
-    epochs, the lr schedule and the early-stopping rule."""
+    epochs, the lr schedule, the early-stopping rule and whether an epoch's last partial
+    batch is dropped (the paper's code) or trained on (the releases since)."""
 
     source: str
     lr: float
@@ -54,6 +62,7 @@ class Recipe:
     schedule_epochs: int | None = None  # onecycle: the epochs the schedule is laid out for
     pct_start: float = 0.3  # onecycle
     early_stop: EarlyStop = field(default_factory=EarlyStop)
+    drop_last: bool = True  # the paper's code drops the last partial batch; False keeps it
     departures: tuple[str, ...] = ()
 
 
@@ -74,42 +83,49 @@ def _em(dataset: str) -> Recipe:
     batch, lr = {"voc12": (8, 1e-5), "coco14": (16, 1e-5), "nuswide": (16, 1e-5),
                  "cub": (8, 1e-4)}.get(dataset, (8, 1e-5))  # fmt: skip
     # A single Adam over all parameters at one lr; stop at the first epoch whose val mAP
-    # does not improve (the best-val weights are kept).
-    return Recipe(EM_SOURCE, lr, batch, 10, early_stop=EarlyStop(patience=1))
+    # does not improve (the best-val weights are kept); the loader keeps the partial batch.
+    return Recipe(EM_SOURCE, lr, batch, 10, early_stop=EarlyStop(patience=1), drop_last=False)
 
 
 def _ll(dataset: str) -> Recipe:
     stop = EarlyStop(max_drop=3.0)
     if dataset not in ("coco14", "nuswide", "cub"):  # VOC's recipe for any other dataset
         return Recipe(LL_SOURCE, 5e-3, 16, 10, optimizer="sgd", momentum=0.9, weight_decay=1e-3,
-                      decay_all=True, head_lr_multiplier=10.0, early_stop=stop)  # fmt: skip
+                      decay_all=True, head_lr_multiplier=10.0, early_stop=stop,
+                      drop_last=False)  # fmt: skip
     lr = 7.5e-5 if dataset == "cub" else 1e-5
-    return Recipe(LL_SOURCE, lr, 16, 10, head_lr_multiplier=10.0, early_stop=stop)
+    return Recipe(LL_SOURCE, lr, 16, 10, head_lr_multiplier=10.0, early_stop=stop, drop_last=False)
 
 
 def _gr(dataset: str) -> Recipe:
     return Recipe(
-        GR_SOURCE, 1e-5, 8, 8, head_lr_multiplier=10.0, early_stop=EarlyStop(max_drop=2.0)
-    )
+        GR_SOURCE, 1e-5, 8, 8, head_lr_multiplier=10.0, early_stop=EarlyStop(max_drop=2.0),
+        drop_last=False,
+    )  # fmt: skip
 
 
 def _rl(dataset: str) -> Recipe:
-    # OneCycleLR laid out for 80 epochs, training stopped after epoch index 30: 31 epochs.
+    # OneCycleLR laid out for 80 epochs of len(train_loader) = ceil(N / B) steps, training
+    # stopped after epoch index 30: 31 epochs.
     return Recipe(RL_SOURCE, 1e-4, 128, 31, weight_decay=1e-4, schedule="onecycle",
-                  schedule_epochs=80, pct_start=0.2, departures=RL_DEPARTURES)  # fmt: skip
+                  schedule_epochs=80, pct_start=0.2, drop_last=False,
+                  departures=RL_DEPARTURES)  # fmt: skip
 
 
 def _vlpl(dataset: str) -> Recipe:
     # Batch 8 everywhere; one Adam at one lr; 10 epochs with the early stop commented out
     # (the best val epoch is kept).
-    return Recipe(VLPL_SOURCE, 1e-4 if dataset == "cub" else 1e-5, 8, 10)
+    return Recipe(VLPL_SOURCE, 1e-4 if dataset == "cub" else 1e-5, 8, 10, drop_last=False)
 
 
 def _aevlp(dataset: str) -> Recipe:
     batch, epochs = {"voc12": (8, 8), "coco14": (16, 8), "nuswide": (16, 10),
                      "cub": (8, 10)}.get(dataset, (8, 8))  # fmt: skip
     stop = EarlyStop(max_drop=2.0, patience=2)
-    return Recipe(AEVLP_SOURCE, 1e-5, batch, epochs, head_lr_multiplier=10.0, early_stop=stop)
+    return Recipe(
+        AEVLP_SOURCE, 1e-5, batch, epochs, head_lr_multiplier=10.0, early_stop=stop,
+        drop_last=False,
+    )  # fmt: skip
 
 
 # The paper's protocol, for one configuration of its grid (the grid itself is the command's).

@@ -1,7 +1,9 @@
 """Run under torchrun by test_finetune_state: fine-tune with one stateful loss and write what
 each rank holds, so the test can compare the ranks and replay the updates in one process.
 
-Usage: ddp_state.py DATASET LOSS OPTIONS_JSON EPOCHS OUT_DIR
+Usage: ddp_state.py DATASET LOSS OPTIONS_JSON EPOCHS OUT_DIR [drop|keep]
+
+(drop: the last partial batch dropped, the paper's, the default; keep: kept, the releases'.)
 
 Each rank writes OUT_DIR/rank{R}.pt: the loss's state after every epoch (from FineTuner's
 on_epoch hook), every after_step call the loss received (rows, logits, observed, labels,
@@ -27,6 +29,7 @@ from spl.extract.backbones import get_backbone
 from spl.extract.features import unreadable_rows
 from spl.fit.finetune import Classifier, FineTuner, predict
 from spl.fit.losses import Batch, Context, Loss, get_loss
+from spl.fit.recipes import PAPER_RECIPE, Recipe
 
 OBSERVED = "uniform-p1-n0-s1200"
 
@@ -83,7 +86,7 @@ def unequal_parts(tuner: FineTuner, procs: Processes, num_classes: int) -> dict:
     return {"part": part, "after": _cpu(state)}
 
 
-def main(dataset: str, key: str, options: str, epochs: str, out: str) -> None:
+def main(dataset: str, key: str, options: str, epochs: str, out: str, last: str = "drop") -> None:
     procs = Processes.start("cpu")
     torch.set_num_threads(1)
     prepared = load_prepared(dataset)
@@ -96,7 +99,10 @@ def main(dataset: str, key: str, options: str, epochs: str, out: str) -> None:
     base = get_loss(key).make(json.loads(options), context)
     calls, ends, probe = [], [], {}
     loss = recording(type(base), calls, ends, probe)(base.options, base.context)
-    tuner = FineTuner(loss, lr=1e-3, batch_size=16, epochs=int(epochs), seed=0)
+    recipe = PAPER_RECIPE
+    if last == "keep":
+        recipe = Recipe("the releases' batching", 1e-3, 16, int(epochs), drop_last=False)
+    tuner = FineTuner(loss, lr=1e-3, batch_size=16, epochs=int(epochs), seed=0, recipe=recipe)
 
     def on_step(step: int, waited: float, seconds: float) -> None:
         probe["rng"] = torch.get_rng_state()  # the last one: where the scoring pass starts

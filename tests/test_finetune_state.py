@@ -5,6 +5,7 @@ a run exists; `spl fit-linear --losses since-2021` end to end. On the demo digit
 real EfficientNet-Lite0 weights at 48 px, on the CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,13 +76,17 @@ def _only_run(folder: Path, kind: str) -> Path:
 # ----------------------------------------------------------------------------- torchrun
 
 
-def _distributed_states(dataset: Path, key: str, options: dict, epochs: int, out: Path):
-    """Both ranks' dumps of tests/ddp_state.py, fine-tuning ``key`` under torchrun."""
+def _distributed_states(
+    dataset: Path, key: str, options: dict, epochs: int, out: Path, drop_last: bool = True
+):
+    """Both ranks' dumps of tests/ddp_state.py, fine-tuning ``key`` under torchrun (the last
+    partial batch dropped, the paper's, or kept, the releases')."""
     out.mkdir()
     script = Path(__file__).with_name("ddp_state.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(29500 + (os.getpid() + 7) % 1000), str(script),
-               str(dataset), key, json.dumps(options), str(epochs), str(out)]  # fmt: skip
+               str(dataset), key, json.dumps(options), str(epochs), str(out),
+               "drop" if drop_last else "keep"]  # fmt: skip
     done = subprocess.run(
         command, cwd=out, env=ONE_THREAD, capture_output=True, text=True, timeout=600
     )
@@ -97,25 +102,34 @@ def _assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
 
 
-def _rank_batches(rows: int, epoch: int, world: int = 2, per_rank: int = 8) -> list[list]:
-    """Each rank's batches of an epoch as ImageSplits.train_loader deals them."""
+def _rank_batches(
+    rows: int, epoch: int, world: int = 2, per_rank: int = 8, drop_last: bool = True
+) -> list[list]:
+    """Each rank's batches of an epoch as ImageSplits.train_loader deals them: PyTorch's
+    DistributedSampler (dropping the tail or padding it with rows from the epoch's start to
+    equal shares), cut into batches of ``per_rank``, the last partial one dropped or kept."""
     from torch.utils.data.distributed import DistributedSampler
 
     out = []
     for rank in range(world):
         sampler = DistributedSampler(range(rows), num_replicas=world, rank=rank, shuffle=True,
-                                     seed=0, drop_last=True)  # fmt: skip
+                                     seed=0, drop_last=drop_last)  # fmt: skip
         sampler.set_epoch(epoch)
         order = list(sampler)
-        out.append([order[i : i + per_rank] for i in range(0, len(order) // per_rank * per_rank,
-                                                            per_rank)])  # fmt: skip
+        end = len(order) // per_rank * per_rank if drop_last else len(order)
+        out.append([order[i : i + per_rank] for i in range(0, end, per_rank)])
     return out
 
 
 @pytest.mark.slow
-def test_ll_cp_flips_are_the_same_on_every_rank_and_replay_in_one_process(demo, tmp_path):
+@pytest.mark.parametrize("drop_last", [True, False], ids=["paper", "partial-batch-kept"])
+def test_ll_cp_flips_are_the_same_on_every_rank_and_replay_in_one_process(
+    demo, tmp_path, drop_last
+):
+    """Also with the releases' batching: 129 rows in global batches of 16 make 8 full
+    steps and a last one of one row, padded with a second row so that each rank takes one."""
     epochs, options = 2, {"delta_rel": 5.0}  # k = ceil(8 x 10 x 5%) = 4 per part: 3 flips
-    ranks = _distributed_states(demo, "ll_cp", options, epochs, tmp_path / "ll_cp")
+    ranks = _distributed_states(demo, "ll_cp", options, epochs, tmp_path / "ll_cp", drop_last)
     observed = ranks[0]["observed"]
     for a, b in zip(ranks[0]["states"], ranks[1]["states"], strict=True):
         _assert_same(a, b)
@@ -131,10 +145,15 @@ def test_ll_cp_flips_are_the_same_on_every_rank_and_replay_in_one_process(demo, 
         for name in ("rows", "logits", "observed", "labels"):
             assert torch.equal(a[name], b[name]), name
     expected_rows = []
+    rows = ranks[0]["train_rows"]
     for epoch in range(1, epochs + 1):
-        dealt = _rank_batches(ranks[0]["train_rows"], epoch)
+        dealt = _rank_batches(rows, epoch, drop_last=drop_last)
+        assert [len(d) for d in dealt] == [rows // 16 if drop_last else math.ceil(rows / 16)] * 2
         for step in range(len(dealt[0])):
             expected_rows += [(epoch, dealt[rank][step]) for rank in range(2)]
+        if not drop_last:  # every row trained on in the epoch, the last step's shares equal
+            assert {r for d in dealt for b in d for r in b} == set(range(rows))
+            assert [len(d[-1]) for d in dealt] == [1, 1]
     assert [(c["epoch"], c["rows"].tolist()) for c in calls] == expected_rows
     # One process applying the same parts in that order reaches each epoch's state.
     loss = get_loss("ll_cp").make(options, _context(demo))
@@ -279,7 +298,7 @@ def _refusal_cases(command: str) -> list[tuple[list, list[str]]]:
     for key in ("ll_r", "ll_ct", "ll_cp"):
         for value in (0, 100, -0.5):
             cases.append(([many, key, "--loss-option", f"{key}.delta_rel={value}"],
-                          [f"{key}: delta_rel", "(0, 100)"]))  # fmt: skip
+                          [f"{key}.delta_rel = {value:g} is outside its range (0, 100)"]))  # fmt: skip
     for key in ("em", "em_apl"):
         cases.append(([many, key, "--observed", NEGATIVES],
                       [f"{key} assumes single positives", repr(NEGATIVES)]))  # fmt: skip

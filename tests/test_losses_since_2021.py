@@ -234,6 +234,59 @@ def test_ll_schedule_by_repeated_subtraction():
     assert clean_rate(0.004, 5) == rate
 
 
+def release_k(variant: str, entries: int, delta_rel: float, epoch: int) -> int:
+    """LargeLossMatters' k in its own order of operations: config.py divides delta_rel by
+    100 once; train.py subtracts delta from clean_rate after each epoch; losses.py computes
+    ceil(batch_size * num_classes * (1 - clean_rate)), or ceil(... * delta) for LL-Cp."""
+    delta = delta_rel / 100
+    clean = 1.0
+    for _ in range(epoch - 1):
+        clean -= delta
+    if variant == "ll_cp":
+        return math.ceil(entries * delta)
+    return math.ceil(entries * (1 - clean))
+
+
+def _spl_k(key: str, batch: int, classes: int, delta_rel: float, epoch: int) -> int:
+    made = get_loss(key).make({"delta_rel": delta_rel})
+    observed = torch.zeros(batch, classes)
+    (_, k, _) = made.kernel_args(Batch(observed, None, epoch, 10))
+    return int(k)
+
+
+def test_ll_k_is_rounded_as_the_release_rounds_it():
+    # 200 x 0.035 = 7.000000000000001: the release selects 8 entries, where 200 x 3.5 / 100
+    # would give 7.
+    assert release_k("ll_cp", 200, 3.5, 2) == 8 and math.ceil(200 * 3.5 / 100) == 7
+    assert _spl_k("ll_cp", 10, 20, 3.5, 2) == 8
+    differs = 0
+    for batch, classes in ((10, 20), (8, 20), (16, 80), (8, 312), (7, 3), (16, 81)):
+        entries = batch * classes
+        for delta_rel in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.1, 2.3, 3.5, 4.1, 5.7, 7.0):
+            for key in ("ll_r", "ll_ct", "ll_cp"):
+                for epoch in (2, 3, 5, 10):
+                    want = release_k(key, entries, delta_rel, epoch)
+                    assert _spl_k(key, batch, classes, delta_rel, epoch) == want, (
+                        key, entries, delta_rel, epoch,
+                    )  # fmt: skip
+            differs += math.ceil(entries * delta_rel / 100) != release_k(
+                "ll_cp", entries, delta_rel, 2
+            )
+    assert differs > 0  # the sweep holds cases where the other order rounds otherwise
+
+
+def test_ll_cp_selects_the_release_count_in_value():
+    """value() selects the release's k entries: at B L = 200 and delta_rel 3.5 %, eight of
+    the unobserved entries (distinct losses) take the corrected target."""
+    torch.manual_seed(3)
+    logits = torch.randn(10, 20, dtype=torch.float64)
+    observed = torch.zeros(10, 20)
+    observed[torch.arange(10), torch.arange(10)] = 1
+    made = get_loss("ll_cp").make({"delta_rel": 3.5})
+    *_, selected, _ = made.selection(logits, Batch(observed, None, 2, 10))
+    assert int(selected.sum()) == 8
+
+
 def test_apl_labels_the_lowest_scores_and_accumulates():
     """apl_label against a replay: n_i = int(0.9 U_i / (E - W)); targets keep their first
     score; observed entries are never labelled; a score of exactly 0 stays unlabelled."""
@@ -262,7 +315,7 @@ def test_apl_labels_the_lowest_scores_and_accumulates():
 
 
 def test_bad_options_and_observed_negatives_are_refused():
-    with pytest.raises(SplError, match="delta_rel is a percentage in \\(0, 100\\)"):
+    with pytest.raises(SplError, match="ll_r.delta_rel = 150 is outside its range \\(0, 100\\)"):
         get_loss("ll_r").make({"delta_rel": 150})
     apl = get_loss("em_apl").make({"warmup": 8})
     with pytest.raises(SplError, match="warmup 8 is at or past the number of epochs"):
@@ -270,6 +323,30 @@ def test_bad_options_and_observed_negatives_are_refused():
     with pytest.raises(ValueError, match="assumes single positives"):
         loss("em", torch.zeros(2, 3), torch.tensor([[1, -1, 0], [0, 1, 0]]))
     assert get_loss("em").single_positive_only and not get_loss("gr").single_positive_only
+
+
+@pytest.mark.parametrize("key", ["em_apl", "em_pl"])
+def test_a_warmup_refusal_suggests_a_fix_that_works(key):
+    """Each refusal's advice, followed, is accepted: a warm-up W in the range it names, or
+    (APL at one epoch, where no W >= 1 fits) the number of epochs it names."""
+    import re
+
+    for epochs in range(1, 6):
+        made = get_loss(key).make({"warmup": epochs}, Context(5))
+        with pytest.raises(SplError) as refused:
+            made.check_epochs(epochs)
+        message = str(refused.value)
+        named = re.search(rf"{key}\.warmup=W with (\d+) <= W <= (\d+)", message)
+        if named:
+            low, high = int(named.group(1)), int(named.group(2))
+            assert low <= high
+            for warmup in range(low, high + 1):
+                get_loss(key).make({"warmup": warmup}, Context(5)).check_epochs(epochs)
+        else:
+            assert key == "em_apl" and epochs == 1, message
+            more = int(re.search(r"--epochs (\d+) or more", message).group(1))
+            assert "or the loss em" in message and "W < 1" not in message
+            get_loss(key).make({"warmup": 1}, Context(5)).check_epochs(more)
 
 
 def test_per_dataset_defaults_follow_the_prepared_dataset():

@@ -199,10 +199,13 @@ def test_per_dataset_defaults():
 def test_bad_options_are_refused():
     with pytest.raises(SplError, match="warmup 10 is at or past the number of epochs"):
         get_loss("em_pl").make({"warmup": 10}).check_epochs(10)
-    with pytest.raises(SplError, match="temperature must be > 0"):
+    with pytest.raises(SplError, match=r"em_pl.temperature = 0 is outside its range \(0, inf\)"):
         get_loss("em_pl").make({"temperature": 0.0})
-    with pytest.raises(SplError, match="top_k and grid must be >= 1"):
+    with pytest.raises(SplError, match=r"gpr.top_k = 0 is outside its range \[1, inf\)"):
         get_loss("gpr").make({"top_k": 0})
+    with pytest.raises(SplError, match=r"gpr.lam = \(0.4, 0.7\).*empty unless lambda2 <= lambda1"):
+        get_loss("gpr").make({"lam": (0.4, 0.7)})
+    get_loss("gpr").make({"lam": (0.5, 0.5)})  # a single value: vb = 0.5
 
 
 # --------------------------------------------------------------------------- the rules

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from spl.data.runtime import generator
-from spl.fit.losses.base import Batch, Loss, is_value
+from spl.fit.losses.base import Batch, Loss, is_value, option
 
 
 class AN(Loss):
@@ -27,7 +27,8 @@ class ANLS(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        label_smoothing: float = 0.1  # the paper's epsilon
+        # the paper's epsilon; targets (1 - eps) and eps, so eps = 1 would swap them
+        label_smoothing: float = option(0.1, "[0, 1)")
 
     def weights(self, batch: Batch):
         pos, unobserved = is_value(batch.observed, 1), is_value(batch.observed, 0)
@@ -42,7 +43,8 @@ class WAN(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        gamma: float | None = None  # None: 1 / (L - 1), the paper's
+        # the unobserved entries' weight as negatives, 1 being AN; None: 1 / (L - 1), the paper's
+        gamma: float | None = option(None, "[0, 1]")
 
     def weights(self, batch: Batch):
         gamma = self.options.gamma
@@ -66,7 +68,7 @@ class PseudoNegatives(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        fraction: float = 0.5
+        fraction: float = option(0.5, "[0, 1]")  # a probability: 1 is AN
 
     def weights(self, batch: Batch):
         unobserved = is_value(batch.observed, 0)

@@ -5,8 +5,10 @@ A loss is a small object (a subclass of :class:`Loss`) that knows
 - what it is: its ``key``, ``title``, whether it is a row of the paper's tables
   (``in_paper``), which observed set it trains on (``trains_on``) and whether it reads
   the full labels (``reads_labels``, the full-label baselines and IUN);
-- its options: a frozen dataclass ``Options`` whose defaults are its paper's, resolved
-  against the dataset (:class:`Context`) and overridable per loss from the command line;
+- its options: a frozen dataclass ``Options`` whose defaults are its paper's, each declared
+  with its valid range (:func:`option`), resolved against the dataset (:class:`Context`)
+  and overridable per loss from the command line, a --config file or Python, every value
+  checked against its range by one checker (:func:`check_option`);
 - its value: :meth:`Loss.value` gives the per-entry matrix and the regulariser of a batch.
   This is what fine-tuning differentiates and what every fast path is checked against;
 - optionally a fast path for the linear engine: label-only weights (:meth:`Loss.weights`,
@@ -27,7 +29,9 @@ Tensors a loss receives have the heads, if any, in front: ``logits [..., B, L]``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -219,7 +223,12 @@ class Loss:
                 f"loss {cls.key!r} has no option {unknown[0]!r}; its options: "
                 f"{describe_options(cls)}"
             )
-        return cls.Options(**values)
+        # Typed and range-checked however they were given (a Python value, a dataset's
+        # default); the defaults of the dataclass are checked too.
+        options = cls.Options(**{name: coerce_option(cls, name, v) for name, v in values.items()})
+        for f in dataclasses.fields(cls.Options):
+            check_option(cls, f.name, getattr(options, f.name))
+        return options
 
     @classmethod
     def make(cls, overrides: Mapping[str, Any] | None = None, context: Context | None = None):
@@ -388,6 +397,104 @@ class Loss:
 
 # --------------------------------------------------------------------------- options
 
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number's valid range, written as in mathematics: ``[0, 1)``, ``(0, inf)``,
+    ``[1, inf)``. An open bound at ``inf`` means no bound (values are finite already)."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        match = _INTERVAL.match(text.strip())
+        if not match:
+            raise ValueError(f"not an interval: {text!r} (write e.g. '[0, 1)' or '(0, inf)')")
+        low, high = float(match.group(2)), float(match.group(3))
+        if not low <= high:
+            raise ValueError(f"empty interval: {text!r}")
+        return cls(low, high, match.group(1) == "[", match.group(4) == "]")
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return bool(above and below)  # NaN is in no interval
+
+    def __str__(self) -> str:
+        return (
+            f"{'[' if self.low_closed else '('}{_number(self.low)}, "
+            f"{_number(self.high)}{']' if self.high_closed else ')'}"
+        )
+
+
+def option(default: Any, valid: str | tuple[str, ...]) -> Any:
+    """An Options field: its default and its valid range beside it, e.g. ``gamma: float =
+    option(2.0, "[0, inf)")``. For a tuple option, one interval for every item, or one per
+    item (``("[0, 1]", "(0, inf)", ...)``). None, where the type allows it, is always valid
+    (it means "the dataset's" or "computed")."""
+    parsed: Interval | tuple[Interval, ...]
+    if isinstance(valid, str):
+        parsed = Interval.parse(valid)
+    else:
+        parsed = tuple(Interval.parse(v) for v in valid)
+    return field(default=default, metadata={"range": parsed})
+
+
+def option_range(loss: type[Loss], name: str) -> Interval | tuple[Interval, ...] | None:
+    """The declared range of ``loss.Options.<name>`` (None: none declared)."""
+    for f in dataclasses.fields(loss.Options):
+        if f.name == name:
+            return f.metadata.get("range")
+    return None
+
+
+def range_text(valid: Interval | tuple[Interval, ...]) -> str:
+    if isinstance(valid, Interval):
+        return str(valid)
+    return "(" + ", ".join(str(v) for v in valid) + ")"
+
+
+def check_option(loss: type[Loss], name: str, value: Any) -> None:
+    """The one range check of every option value, however it was set: an SplError naming
+    the loss, the option, the value and its range."""
+    valid = option_range(loss, name)
+    if valid is None or value is None:
+        return
+    if isinstance(value, tuple):
+        ranges = (valid,) * len(value) if isinstance(valid, Interval) else valid
+        bad = [i for i, (v, r) in enumerate(zip(value, ranges, strict=True)) if v not in r]
+        if not bad:
+            return
+        where = f" (item {bad[0] + 1} is {_number(value[bad[0]])})"
+    elif value in valid:
+        return
+    else:
+        where = ""
+    each = " each" if isinstance(value, tuple) and isinstance(valid, Interval) else ""
+    raise SplError(
+        f"{loss.key}.{name} = {_shown(value)} is outside its range{each} {range_text(valid)}"
+        f"{where}; `spl losses` lists every option's range"
+    )
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and (value.is_integer() or math.isinf(value)):
+        return f"{value:g}"
+    return repr(value)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_number(v) for v in value) + ")"
+    return _number(value)
+
 
 def describe_options(loss: type[Loss]) -> str:
     fields = dataclasses.fields(loss.Options)
@@ -398,9 +505,14 @@ def describe_options(loss: type[Loss]) -> str:
         per_dataset = {d: v[f.name] for d, v in loss.dataset_options.items() if f.name in v}
         if per_dataset:
             values = ", ".join(f"{d} {v!r}" for d, v in per_dataset.items())
-            out.append(f"{f.name} ({_type_name(f)}, default per dataset: {values}; others voc12's)")
+            text = f"{f.name} ({_type_name(f)}, default per dataset: {values}; others voc12's)"
         else:
-            out.append(f"{f.name} ({_type_name(f)}, default {_default(f)!r})")
+            text = f"{f.name} ({_type_name(f)}, default {_default(f)!r})"
+        valid = f.metadata.get("range")
+        if valid is not None:
+            each = " each" if isinstance(_default(f), tuple) and isinstance(valid, Interval) else ""
+            text = f"{text}{each} in {range_text(valid)}"
+        out.append(text)
     return ", ".join(out)
 
 
@@ -412,9 +524,13 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+@functools.cache
+def _type_hints(owner: type) -> dict[str, Any]:
+    return typing.get_type_hints(owner)  # read once per Options class: loss() runs per batch
+
+
 def _field_type(owner: type, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(owner)
-    return hints[f.name]
+    return _type_hints(owner)[f.name]
 
 
 def _type_name(f: dataclasses.Field) -> str:
@@ -432,12 +548,14 @@ def coerce_option(loss: type[Loss], name: str, value: Any) -> Any:
         )
     kind = _field_type(loss.Options, fields[name])
     try:
-        return _coerce(kind, value)
+        coerced = _coerce(kind, value)
     except (TypeError, ValueError) as exc:
         raise SplError(
             f"option {loss.key}.{name}: {value!r} is not a {_type_name(fields[name])} ({exc}); "
             f"{loss.key}'s options: {describe_options(loss)}"
         ) from None
+    check_option(loss, name, coerced)
+    return coerced
 
 
 def _coerce(kind: Any, value: Any) -> Any:
@@ -451,7 +569,11 @@ def _coerce(kind: Any, value: Any) -> Any:
     if origin is tuple:
         items = value
         if isinstance(value, str):
-            items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            # "(a, b)", "a,b" or "[a, b]": a --config TOML list reaches here as its text
+            text = value.strip()
+            if text[:1] + text[-1:] in ("()", "[]"):
+                text = text[1:-1]
+            items = [v for v in text.split(",") if v.strip()]
         if not isinstance(items, list | tuple):
             raise TypeError("expected a list")
         if len(args) == 2 and args[1] is Ellipsis:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spl.fit.losses.base import WITH_NEGATIVES, Batch, Loss, is_value
+from spl.fit.losses.base import WITH_NEGATIVES, Batch, Loss, is_value, option
 
 
 class BCE(Loss):
@@ -27,7 +27,8 @@ class BCELS(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        label_smoothing: float = 0.1  # the paper's epsilon
+        # the paper's epsilon; targets (1 - eps) and eps, so eps = 1 would swap them
+        label_smoothing: float = option(0.1, "[0, 1)")
 
     def weights(self, batch: Batch):
         labels, eps = batch.need_labels(self.key), self.options.label_smoothing

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from spl.data.common import SplError
-from spl.fit.losses.base import Batch, Loss, is_value, log_neg, log_pos
+from spl.fit.losses.base import Batch, Loss, is_value, log_neg, log_pos, option
 
 SOURCE = "Zhou et al., ECCV 2022 (Correr-Zhou/SPML-AckTheUnknown)"
 # Per-dataset values of the release (main.py:323-350); a dataset of another name gets VOC's.
@@ -48,7 +48,7 @@ class EM(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        alpha: float = 0.2
+        alpha: float = option(0.2, "[0, inf)")  # the entropy term's weight (0: positives only)
 
     def value(self, logits, batch: Batch):
         _check_single_positive(batch.observed, self.key)
@@ -98,24 +98,30 @@ class EMAPL(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        alpha: float = 0.2
-        beta: float = 0.02
-        warmup: int = 5  # the 1-based epoch after which APL first labels
-        negative_proportion: float = 0.9
-
-    def check_options(self):
-        if self.options.warmup < 1:
-            raise SplError(f"em_apl: warmup must be an epoch >= 1, got {self.options.warmup}")
-        if not 0 < self.options.negative_proportion <= 1:
-            raise SplError("em_apl: negative_proportion must be in (0, 1]")
+        alpha: float = option(0.2, "[0, inf)")  # the entropy term's weight
+        beta: float = option(0.02, "[0, inf)")  # the soft negatives' weight
+        # the 1-based epoch after which APL first labels (docs/methods.md section 2)
+        warmup: int = option(5, "[1, inf)")
+        # the share of each class's unobserved entries labelled by the last epoch
+        negative_proportion: float = option(0.9, "(0, 1]")
 
     def check_epochs(self, num_epochs):
-        if self.options.warmup >= num_epochs:
-            raise SplError(
-                f"em_apl: warmup {self.options.warmup} is at or past the number of epochs "
-                f"({num_epochs}): APL would never label. Use --loss-option em_apl.warmup=W "
-                f"with W < {num_epochs}, or more --epochs"
+        warmup = self.options.warmup
+        if warmup < num_epochs:
+            return
+        if num_epochs < 2:
+            # warmup >= 1, and labels made after the last epoch are never trained on
+            advice = (
+                "APL labels after an epoch and trains on the labels from the next, so it "
+                "needs at least 2 epochs: use --epochs 2 or more, or the loss em"
             )
+        else:
+            # (not "more --epochs": finetune --recipe source fixes the release's epochs)
+            advice = f"use --loss-option em_apl.warmup=W with 1 <= W <= {num_epochs - 1}"
+        raise SplError(
+            f"em_apl: warmup {warmup} is at or past the number of epochs ({num_epochs}): "
+            f"APL would never label; {advice}"
+        )
 
     @staticmethod
     def _targets(batch: Batch, dtype) -> tuple[torch.Tensor, torch.Tensor]:

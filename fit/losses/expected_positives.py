@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spl.fit.losses.base import Batch, Loss, is_value
+from spl.fit.losses.base import Batch, Loss, is_value, option
 
 
 class EPR(Loss):
@@ -18,7 +18,8 @@ class EPR(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        expected_positives: float | None = None  # None: the dataset's k
+        # k, positives per image, as --expected-positives; None: the dataset's k
+        expected_positives: float | None = option(None, "(0, inf)")
 
     def weights(self, batch: Batch):
         pos = is_value(batch.observed, 1)

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spl.data.common import SplError
-from spl.fit.losses.base import Batch, Loss
+from spl.fit.losses.base import Batch, Loss, option
 
 SOURCE = "Kim et al., CVPR 2022 (snucml/LargeLossMatters)"
 # Per dataset and variant (in percent), from the authors (LargeLossMatters issue #4).
@@ -49,17 +48,22 @@ class _LargeLoss(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        delta_rel: float = 0.2  # percent, as the release's --delta_rel
+        # percent per epoch, as the release's --delta_rel: the share of a batch's entries
+        # selected grows by it each epoch
+        delta_rel: float = option(0.2, "(0, 100)")
 
-    def check_options(self):
-        if not 0 < self.options.delta_rel < 100:
-            raise SplError(
-                f"{self.key}: delta_rel is a percentage in (0, 100), got {self.options.delta_rel}"
-            )
+    @property
+    def delta(self) -> float:
+        """delta_rel as the fraction the release computes with: its config divides the
+        percentage by 100 once, before any other arithmetic (docs/methods.md section 3)."""
+        return self.options.delta_rel / 100
 
     def _count(self, entries: int, epoch: int) -> int:
-        """k, the number of entries modified in a batch of ``entries`` at ``epoch``."""
-        return math.ceil(entries * (1 - clean_rate(self.options.delta_rel / 100, epoch)))
+        """k, the number of entries modified in a batch of ``entries`` = B x L at ``epoch``:
+        ceil(B L (1 - clean_rate)), in the release's order of operations (the product of
+        the batch's size with the rate, the rate by repeated subtraction of delta), which
+        decides ceil() at the margins."""
+        return math.ceil(entries * (1 - clean_rate(self.delta, epoch)))
 
     def _observed(self, batch: Batch) -> torch.Tensor:
         return batch.observed
@@ -70,7 +74,7 @@ class _LargeLoss(Loss):
         observed = self._observed(batch).to(logits.dtype).expand_as(logits)
         target = observed.clamp(min=0)
         loss = bce_with_logits(logits, target)
-        if batch.epoch < 2 or clean_rate(self.options.delta_rel / 100, batch.epoch) == 1:
+        if batch.epoch < 2 or clean_rate(self.delta, batch.epoch) == 1:
             return target, loss, None, None, None  # epoch 1: plain AN
         ranked = (observed == 0).to(loss.dtype) * loss.detach()
         flat = ranked.flatten(-2)
@@ -93,7 +97,7 @@ class _LargeLoss(Loss):
     def kernel_args(self, batch: Batch):
         observed = self._observed(batch)
         k = 0  # epoch 1: plain AN
-        if batch.epoch >= 2 and clean_rate(self.options.delta_rel / 100, batch.epoch) != 1:
+        if batch.epoch >= 2 and clean_rate(self.delta, batch.epoch) != 1:
             k = self._count(observed.shape[-1] * observed.shape[-2], batch.epoch)
         # k as a tensor: it changes every epoch, and a compiled step must not recompile
         return (observed, self.epoch_tensor(k, observed.device), self.correct)
@@ -153,7 +157,10 @@ class LLCp(_LargeLoss):
     dataset_options = {d: {"delta_rel": v} for d, v in DELTA_REL["ll_cp"].items()}
 
     def _count(self, entries, epoch):
-        return math.ceil(entries * self.options.delta_rel / 100)
+        # ceil(B L delta) with delta = delta_rel / 100 computed first, as the release's
+        # LL-Cp branch would (docs/methods.md section 3): B L delta_rel / 100 rounds
+        # differently, e.g. 200 x 0.035 = 7.000000000000001 gives 8, 200 x 3.5 / 100 gives 7.
+        return math.ceil(entries * self.delta)
 
     def _observed(self, batch: Batch) -> torch.Tensor:
         flipped = batch.state.get("flipped")

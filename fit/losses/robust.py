@@ -13,11 +13,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spl.fit.losses.base import Batch, Loss, log_pos
+from spl.fit.losses.base import Batch, Loss, log_pos, option
 
 GR_SOURCE = "Chen et al., IJCAI 2024 (yan4xi1/GRLoss)"
 RL_SOURCE = "Zhang et al., arXiv 2112.07368 (xinyu1205/robust-loss-mlml)"
 LOG_EPSILON_7 = 1e-7  # GR's and AEVLP's log epsilon (Cole's is 1e-5)
+# GR's and AEVLP's schedules and exponents (docs/methods.md sections 4 and 9): w and b of
+# k = sigmoid(w p + b) any real; v's centre mu a probability and its width sigma > 0 (it
+# divides; both ends positive keep every epoch's value positive); q2, q3 > 0 (they divide).
+K_SCHEDULE_RANGE = "(-inf, inf)"
+V_SCHEDULE_RANGE = ("[0, 1]", "(0, inf)", "[0, 1]", "(0, inf)")
+Q_RANGE = "(0, inf)"
 
 
 def gr_schedule(
@@ -65,14 +71,15 @@ class GR(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        k_schedule: tuple[float, float, float, float] = (0.0, 2.0, -2.0, -2.0)  # w0, wT, b0, bT
-        v_schedule: tuple[float, float, float, float] = (
-            0.5,
-            2.0,
-            0.8,
-            0.5,
-        )  # mu0, sigma0, muT, sigmaT
-        q: tuple[float, float] = (0.01, 1.0)  # q2, q3
+        # w0, wT, b0, bT
+        k_schedule: tuple[float, float, float, float] = option(
+            (0.0, 2.0, -2.0, -2.0), K_SCHEDULE_RANGE
+        )
+        # mu0, sigma0, muT, sigmaT
+        v_schedule: tuple[float, float, float, float] = option(
+            (0.5, 2.0, 0.8, 0.5), V_SCHEDULE_RANGE
+        )
+        q: tuple[float, float] = option((0.01, 1.0), Q_RANGE)  # q2, q3
 
     def kernel_args(self, batch: Batch):
         if batch.num_epochs is None:
@@ -129,9 +136,11 @@ class Hill(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        lamb: float = 1.5
-        margin: float = 1.0
-        gamma: float = 2.0
+        # (lambda - p) p^2 rises on [0, 1] only for lambda >= 1.5 (its peak is at
+        # p = 2 lambda / 3): below, a confident unobserved entry would cost less
+        lamb: float = option(1.5, "[1.5, inf)")
+        margin: float = option(1.0, "[0, inf)")  # subtracted from the positives' logits
+        gamma: float = option(2.0, "[0, inf)")  # the focal exponent
 
     def kernel_args(self, batch: Batch):
         return (batch.observed, self.options.lamb, self.options.margin, self.options.gamma)
@@ -166,10 +175,10 @@ class SPLC(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        tau: float = 0.6
-        change_epoch: int = 2
-        margin: float = 1.0
-        gamma: float = 2.0
+        tau: float = option(0.6, "[0, 1]")  # a probability threshold
+        change_epoch: int = option(2, "[1, inf)")  # a 1-based epoch
+        margin: float = option(1.0, "[0, inf)")
+        gamma: float = option(2.0, "[0, inf)")
 
     def kernel_args(self, batch: Batch):
         o = self.options
@@ -211,9 +220,10 @@ class ASL(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        gamma_neg: float = 4.0
-        gamma_pos: float = 0.0  # --loss Asl; the class's own default is 1 (methods.md s7)
-        clip: float = 0.05
+        gamma_neg: float = option(4.0, "[0, inf)")  # focal exponents
+        gamma_pos: float = option(0.0, "[0, inf)")  # --loss Asl; the class's own is 1 (s7)
+        # shifts the negatives' p down by clip: at 1 every negative would cost nothing
+        clip: float = option(0.05, "[0, 1)")
 
     def kernel_args(self, batch: Batch):
         o = self.options

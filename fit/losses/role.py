@@ -18,6 +18,7 @@ from spl.fit.losses.base import (
     expected_positive_penalty,
     log_neg,
     log_pos,
+    option,
 )
 
 
@@ -55,8 +56,8 @@ class ROLE(Loss):
 
     @dataclass(frozen=True)
     class Options:
-        estimator_lr_multiplier: float = 10.0
-        expected_positives: float | None = None  # None: the dataset's k
+        estimator_lr_multiplier: float = option(10.0, "(0, inf)")  # an lr multiplier
+        expected_positives: float | None = option(None, "(0, inf)")  # None: the dataset's k
 
     def value(self, logits: torch.Tensor, batch: Batch):
         p = torch.sigmoid(logits)

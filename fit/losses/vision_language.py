@@ -21,9 +21,24 @@ from typing import Any
 import torch
 
 from spl.data.common import SplError
-from spl.fit.losses.base import Batch, Context, Loss, Scores, expected_positive_penalty
+from spl.fit.losses.base import (
+    Batch,
+    Context,
+    Loss,
+    Scores,
+    expected_positive_penalty,
+    option,
+)
 from spl.fit.losses.entropy import ALPHA, entropy_gradient, entropy_terms
-from spl.fit.losses.robust import LOG_EPSILON_7, gr_schedule, gr_terms, gr_weights
+from spl.fit.losses.robust import (
+    K_SCHEDULE_RANGE,
+    LOG_EPSILON_7,
+    Q_RANGE,
+    V_SCHEDULE_RANGE,
+    gr_schedule,
+    gr_terms,
+    gr_weights,
+)
 from spl.fit.pseudo_labels import damp_pseudo_labels, vlpl_pseudo_labels
 
 VLPL_SOURCE = "Xing et al., CVPR-W 2024 (mvrl/VLPL)"
@@ -92,25 +107,19 @@ class EMPL(PseudoLabelLoss):
 
     @dataclass(frozen=True)
     class Options:
-        alpha: float = 0.2
-        beta_pos: float = 0.7
-        warmup: int = 0  # pseudo-labels are used from the 1-based epoch warmup + 1
-        temperature: float = 0.01  # the softmax's T over cos
-        theta: float = 0.3  # pseudo-positive iff softmax > theta
-
-    def check_options(self):
-        o = self.options
-        if not o.temperature > 0:
-            raise SplError(f"em_pl: temperature must be > 0, got {o.temperature}")
-        if o.warmup < 0:
-            raise SplError(f"em_pl: warmup must be an epoch >= 0, got {o.warmup}")
+        alpha: float = option(0.2, "[0, inf)")  # EM's entropy weight
+        beta_pos: float = option(0.7, "[0, inf)")  # the pseudo-positives' weight
+        # pseudo-labels are used from the 1-based epoch warmup + 1
+        warmup: int = option(0, "[0, inf)")
+        temperature: float = option(0.01, "(0, inf)")  # the softmax's T over cos (divides)
+        theta: float = option(0.3, "[0, 1]")  # pseudo-positive iff softmax > theta
 
     def check_epochs(self, num_epochs):
         if self.options.warmup >= num_epochs:
             raise SplError(
                 f"em_pl: warmup {self.options.warmup} is at or past the number of epochs "
                 f"({num_epochs}): the pseudo-labels would never be used. Use "
-                f"--loss-option em_pl.warmup=W with W < {num_epochs}"
+                f"--loss-option em_pl.warmup=W with 0 <= W <= {num_epochs - 1}"
             )
 
     def pseudo_labels(self, observed, scores):
@@ -192,19 +201,26 @@ class GPR(PseudoLabelLoss):
 
     @dataclass(frozen=True)
     class Options:
-        k_schedule: tuple[float, float, float, float] = (0.0, 2.0, -2.0, -2.0)  # w0, wT, b0, bT
-        v_schedule: tuple[float, float, float, float] = (0.5, 2.0, 0.8, 0.5)  # mu0, s0, muT, sT
-        q: tuple[float, float] = (0.01, 1.0)  # q2, q3
-        lam: tuple[float, float] = (0.7, 0.4)  # lambda1, lambda2: vb in [1 - l1, 1 - l2]
-        rho: float = 0.9
-        reg: float = 0.05  # weight of the expected-positive regulariser
-        expected_positives: float | None = 1.5  # None: the dataset's k
-        temperature: float = 0.01  # DAMP: the softmax's T over cos
-        eta: float = 0.0
-        threshold: float = 0.5
-        grid: int = 4  # the g x g tiles DAMP expects in the scores file
-        top_k: int = 3
-        negative_ratio: float = 0.2  # only erases positives (see damp_pseudo_labels)
+        # GR's (docs/methods.md section 4): w0, wT, b0, bT; mu0, s0, muT, sT; q2, q3
+        k_schedule: tuple[float, float, float, float] = option(
+            (0.0, 2.0, -2.0, -2.0), K_SCHEDULE_RANGE
+        )
+        v_schedule: tuple[float, float, float, float] = option(
+            (0.5, 2.0, 0.8, 0.5), V_SCHEDULE_RANGE
+        )
+        q: tuple[float, float] = option((0.01, 1.0), Q_RANGE)
+        # lambda1, lambda2: vb in [1 - l1, 1 - l2], bounds of a weight in [0, 1]
+        lam: tuple[float, float] = option((0.7, 0.4), "[0, 1]")
+        rho: float = option(0.9, "[0, 1]")  # the pseudo-positives' soft target
+        reg: float = option(0.05, "[0, inf)")  # weight of the expected-positive regulariser
+        expected_positives: float | None = option(1.5, "(0, inf)")  # None: the dataset's k
+        temperature: float = option(0.01, "(0, inf)")  # DAMP: the softmax's T over cos
+        eta: float = option(0.0, "[0, 1]")  # DAMP's bounds on softmax scores
+        threshold: float = option(0.5, "[0, 1]")
+        grid: int = option(4, "[1, inf)")  # the g x g tiles DAMP expects in the scores file
+        top_k: int = option(3, "[1, inf)")
+        # only erases positives (see damp_pseudo_labels); a share of the classes
+        negative_ratio: float = option(0.2, "[0, 1]")
 
     @classmethod
     def dataset_defaults(cls, context: Context) -> dict[str, Any]:
@@ -216,13 +232,12 @@ class GPR(PseudoLabelLoss):
         return {**table["voc12"], "expected_positives": None}
 
     def check_options(self):
-        o = self.options
-        if not o.temperature > 0:
-            raise SplError(f"gpr: temperature must be > 0, got {o.temperature}")
-        if o.top_k < 1 or o.grid < 1:
-            raise SplError(f"gpr: top_k and grid must be >= 1, got {o.top_k} and {o.grid}")
-        if not 0 <= o.negative_ratio <= 1:
-            raise SplError(f"gpr: negative_ratio must be in [0, 1], got {o.negative_ratio}")
+        lam1, lam2 = self.options.lam
+        if lam2 > lam1:
+            raise SplError(
+                f"gpr.lam = ({lam1:g}, {lam2:g}): the pseudo-positives' weight is bounded to "
+                f"[1 - lambda1, 1 - lambda2], empty unless lambda2 <= lambda1"
+            )
 
     def check_scores(self, scores, where):
         grid = self.options.grid
