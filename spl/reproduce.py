@@ -36,7 +36,8 @@ from spl.fit.losses import LOSSES, PAPER_LOSSES, SINCE_2021, VISION_LANGUAGE
 from spl.fit.losses.base import SINGLE_POSITIVE, WITH_NEGATIVES
 from spl.fit.recipes import RECIPES, source_recipe
 from spl.runs import read_csv, read_jsonl
-from spl.settings import BIAS_KINDS, DATASETS, TABLES, ReproduceSettings, setting
+from spl.settings import BIAS_KINDS, DATASETS, TABLES, ReproduceSettings
+from spl.settings_fields import setting
 
 RECOVERY_LOSSES = ("an", "an_ls", "role")
 LINEARINIT = tuple(protocol.LINEARINIT)
