@@ -40,8 +40,8 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
-class TrainingInputs:
-    """What a training run trains on, resolved and checked (:func:`training_inputs`)."""
+class _Resolved:
+    """What a run trains on that does not depend on which rows it trains on."""
 
     prepared: PreparedDataset
     settings: Any  # LinearSettings or FinetuneSettings (with its recipe applied)
@@ -50,6 +50,12 @@ class TrainingInputs:
     observed_sets: dict[str, str]  # trains_on -> the observed set's name
     score_set: ScoreSet | None
     processes: int  # of the torchrun job: a batch is split over them
+
+
+@dataclass(frozen=True)
+class TrainingInputs(_Resolved):
+    """What a training run trains on, resolved and checked (:func:`training_inputs`)."""
+
     excluded: dict[str, np.ndarray]  # rows of each source file left out (unreadable images)
     rows: dict[str, np.ndarray]  # rows of the source file per split, without those
     observed: dict[str, np.ndarray]  # trains_on -> the training rows' observed labels
@@ -70,8 +76,7 @@ class TrainingInputs:
         images); everything that depends on the rows is checked and computed again."""
         if all(np.array_equal(excluded[s], self.excluded[s]) for s in self.excluded):
             return self
-        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(_Resolved)}
-        return _with_rows(_Resolved(**base), excluded)
+        return _with_rows(self, excluded)
 
     def scores_record(self) -> dict | None:
         """What a run records of its scores file, with a digest of each loss's pseudo-labels
@@ -108,19 +113,6 @@ class TrainingInputs:
         }
 
 
-@dataclass(frozen=True)
-class _Resolved:
-    """The part of :class:`TrainingInputs` that does not depend on the rows."""
-
-    prepared: PreparedDataset
-    settings: Any
-    losses: dict[str, Loss]
-    context: Context
-    observed_sets: dict[str, str]
-    score_set: ScoreSet | None
-    processes: int
-
-
 def training_inputs(
     prepared: PreparedDataset,
     settings,
@@ -141,6 +133,8 @@ def training_inputs(
 
 
 def _with_rows(resolved: _Resolved, excluded: dict[str, np.ndarray]) -> TrainingInputs:
+    """The inputs without the ``excluded`` rows: each split's rows, checked (none empty, the
+    batch-size rule), and what is read or computed from them."""
     prepared, settings = resolved.prepared, resolved.settings
     rows = {}
     for split in SPLITS:
@@ -170,7 +164,7 @@ def _with_rows(resolved: _Resolved, excluded: dict[str, np.ndarray]) -> Training
         if scores is not None and loss.reads_scores
     }
     base = {f.name: getattr(resolved, f.name) for f in dataclasses.fields(_Resolved)}
-    return TrainingInputs(
+    return TrainingInputs(  # the losses: with the scores of these rows
         **{**base, "losses": losses},
         excluded={source: np.asarray(r) for source, r in excluded.items()},
         rows=rows,
