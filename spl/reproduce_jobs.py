@@ -269,7 +269,7 @@ def run_jobs(plan: Plan, jobs: list[Job], log: Callable[[str], None] = print) ->
             if returncode != 0:
                 tail = log_path.read_text().splitlines()[-15:]
                 raise SplError(f"job failed: {job.name} (log {log_path}):\n" + "\n".join(tail))
-            run_dir = job_run(job)
+            run_dir = job_output(plan, job)
             if job.key:
                 with lock:
                     runs[job.key] = run_dir
@@ -307,9 +307,14 @@ def _execute(plan: Plan, job: Job, runs: dict[str, str], env: dict, log) -> tupl
     return start, time.time(), done.returncode, log_path
 
 
-def job_run(job: Job) -> str:
-    """The run directory a finished training job wrote to its run file ('' for the others:
-    an extract job's output is its known feature file)."""
+def job_output(plan: Plan, job: Job) -> str:
+    """What a finished job made: a training job's run, as its run file names it; an extract
+    job's feature file, whose name the plan knows ('' for an observe job)."""
+    if job.kind == "extract":
+        path = job.target / "features" / f"{plan.tag}.h5"
+        if not path.is_file():
+            raise SplError(f"job {job.name} finished without writing {path}")
+        return str(path)
     if job.run_file is None:
         return ""
     if not job.run_file.is_file():

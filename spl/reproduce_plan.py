@@ -98,7 +98,7 @@ PLANNED = {
     "extract": {"backbone", "weights", "image_size", "device"},
     "finetune": {"loss", "recipe", "init_from", "backbone", "weights", "weights_path",
                  "image_size", "lrs", "batch_sizes", "epochs", "seeds", "observed", "val",
-                 "observed_iu", "scores", "device"},
+                 "scores", "device"},
 }  # fmt: skip
 
 

@@ -321,6 +321,20 @@ def test_a_biased_draw_on_a_dataset_without_instance_annotations_is_refused(root
     assert not (tmp_path / "tables").exists()
 
 
+def test_the_plans_other_settings_are_checked(root, tmp_path):
+    from spl.data.common import SplError
+    from spl.reproduce import Plan
+
+    with pytest.raises(SplError, match="'epochs' is not a setting of `spl finetune` the plan"):
+        Plan(root=root, finetune_options={"epochs": 3})  # the plan's --finetune-epochs sets it
+    with pytest.raises(SplError, match=r"finetune_options\['batchnorm'\]: 'sideways' is not one"):
+        Plan(root=root, finetune_options={"batchnorm": "sideways"})
+    with pytest.raises(SplError, match="extract_options.* those are: amp, batch_size"):
+        Plan(root=root, extract_options={"bakbone": "resnet18"})
+    plan = Plan(root=root, finetune_options={"batchnorm": "frozen"})
+    assert plan.finetune_extra == ["--batchnorm", "frozen"]  # as the cells of earlier versions
+
+
 def _commands():
     from spl.commands_data import observe
     from spl.commands_extract import extract
