@@ -58,7 +58,7 @@ def config_option(settings: type | None = None):
             where = f"{value}: {key}"
             try:
                 if settings is not None and key in _field_names(settings):
-                    from spl.settings import config_value
+                    from spl.settings_fields import config_value
 
                     defaults[key] = config_value(settings, key, item, where)
                 else:
@@ -112,7 +112,7 @@ def settings_from_cli(ctx: click.Context, settings: type, values: dict):
     ones) are merged, the flags last."""
     from click.core import ParameterSource
 
-    from spl.settings import settings_from
+    from spl.settings_fields import settings_from
 
     values = dict(values)
     config = ctx.meta.get("spl_config_file")

@@ -8,17 +8,19 @@ import click
 
 from spl.clitools import check_resume, config_option, explicit_options, settings_from_cli
 from spl.data.common import SplError
-from spl.settings import FinetuneSettings, PredictSettings, click_options
+from spl.settings import (
+    FinetuneSettings,
+    PredictSettings,
+    RunOptions,
+    click_options,
+    settings_from,
+)
 
 
 @click.command("finetune")
 @click.argument("dataset", type=click.Path(path_type=Path), required=False)
 @click_options(FinetuneSettings)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True, help="Runs root: OUT/<dataset>/<backbone tag>/finetune-<time>/.")  # fmt: skip
-@click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Continue an interrupted fine-tune run.")  # fmt: skip
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click_options(RunOptions)
 @config_option(FinetuneSettings)
 @click.pass_context
 def finetune(ctx: click.Context, dataset: Path | None, **options) -> None:
@@ -32,11 +34,11 @@ def finetune(ctx: click.Context, dataset: Path | None, **options) -> None:
     from spl.fit.losses import LOSSES
     from spl.runs import read_csv
 
-    resume, quiet, out = options.pop("resume"), options.pop("quiet"), options.pop("out")
+    run = settings_from_cli(ctx, RunOptions, options)
     settings = settings_from_cli(ctx, FinetuneSettings, options)
-    if resume is not None:
-        config = check_resume(ctx, resume, "finetune", settings)
-        settings = FinetuneSettings(**config["settings"])
+    if run.resume is not None:
+        config = check_resume(ctx, run.resume, "finetune", settings)
+        settings = settings_from(FinetuneSettings, config["settings"])
         dataset = Path(config["dataset"])
     else:
         if dataset is None or settings.loss is None:
@@ -48,12 +50,10 @@ def finetune(ctx: click.Context, dataset: Path | None, **options) -> None:
                 f"--recipe source uses the release's own lr, batch size and epochs: drop {flags} "
                 "(or use --recipe paper for the paper's grid)"
             )
-        weights = settings.weights
-        if weights is not None and Path(weights).is_file():  # a local state dict
-            settings.weights, settings.weights_path = None, str(Path(weights).resolve())
     run_dir = run_finetune(
-        dataset, settings, out, resume=resume, progress=not quiet, log=click.echo
-    )
+        dataset, settings, run.out, resume=run.resume, progress=not run.quiet, log=click.echo,
+        run_file=run.run_file,
+    )  # fmt: skip
     if (run_dir / "results.csv").exists():
         click.echo(f"run: {run_dir}")
         click.echo(finetune_table(read_csv(run_dir / "results.csv"), LOSSES))

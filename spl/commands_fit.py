@@ -9,29 +9,22 @@ import click
 
 from spl.clitools import check_resume, config_option, settings_from_cli
 from spl.data.common import SplError
-from spl.settings import ImportSettings, LinearSettings, click_options
+from spl.settings import (
+    FitLinearOptions,
+    ImportSettings,
+    LinearSettings,
+    click_options,
+    settings_from,
+)
 
 
 @click.command("fit-linear")
 @click.argument("dataset", type=click.Path(path_type=Path), required=False)
-@click.option("--features", "tag", help="Feature tag: reads DATASET/features/TAG.h5.")
+@click_options(FitLinearOptions)
 @click_options(LinearSettings)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Runs root: the run goes to OUT/<dataset>/<tag>/linear-<time>/.",
-)
-@click.option(
-    "--resume",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Continue an interrupted run directory.",
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_option(LinearSettings)
 @click.pass_context
-def fit_linear(ctx: click.Context, dataset: Path | None, tag: str | None, **options) -> None:
+def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
     """Train linear heads for every loss x lr x batch size x seed on cached features.
 
     Defaults are the paper's protocol: 9 losses, lrs 1e-2..1e-5, batch sizes 8 and 16,
@@ -42,17 +35,19 @@ def fit_linear(ctx: click.Context, dataset: Path | None, tag: str | None, **opti
     from spl.linear import run_linear
     from spl.runs import read_csv
 
-    resume, quiet, out = options.pop("resume"), options.pop("quiet"), options.pop("out")
+    run = settings_from_cli(ctx, FitLinearOptions, options)
     settings = settings_from_cli(ctx, LinearSettings, options)
-    if resume is not None:
-        config = check_resume(ctx, resume, "linear", settings)
-        settings = LinearSettings(**config["settings"])
+    tag = run.features
+    if run.resume is not None:
+        config = check_resume(ctx, run.resume, "linear", settings)
+        settings = settings_from(LinearSettings, config["settings"])
         dataset, tag = Path(config["dataset"]), config["feature_tag"]
     elif dataset is None or tag is None:
         raise SplError("give DATASET and --features TAG (or --resume RUN_DIR)")
     run_dir = run_linear(
-        dataset, tag, settings, out, resume=resume, progress=not quiet, log=click.echo
-    )
+        dataset, tag, settings, run.out, resume=run.resume, progress=not run.quiet,
+        log=click.echo, run_file=run.run_file,
+    )  # fmt: skip
     click.echo(f"run: {run_dir}")
     click.echo(linear_table(read_csv(run_dir / "results.csv"), LOSSES))
 

@@ -30,7 +30,7 @@ def demo_plan(root: Path, image_size: int, finetune_epochs: int, device: str) ->
         finetune_lrs=[1e-4],
         finetune_batch_sizes=[16],
         finetune_epochs=finetune_epochs,
-        finetune_args=["--batchnorm", "frozen"],
+        finetune_options={"batchnorm": "frozen"},
         device=device,
         jobs=1,
         figure_dataset="demo",

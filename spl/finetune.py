@@ -1,6 +1,7 @@
 """``spl finetune``: end-to-end training over the paper's grid, with LinearInit, checkpoints,
 resume and torchrun (DDP). A grid orchestrator of the same shape as ``spl.linear``: it
-creates or resumes the run, builds the data and the network, runs one
+resolves what the run trains on (:func:`spl.training.training_inputs`), builds the image
+splits, creates or resumes the run (:func:`spl.training.open_run`), runs one
 :class:`spl.fit.finetune.FineTuner` per (seed, batch size, lr) and writes what they computed.
 
 Under ``torchrun --nproc_per_node N`` the global batch is the grid's batch size: each of the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from spl.data.common import SplError
@@ -23,25 +25,20 @@ from spl.data.loaders import ImageSplits
 from spl.data.prepared import PreparedDataset, load_prepared
 from spl.data.runtime import Processes
 from spl.evaluate import paper, report
-from spl.extract.backbones import BackboneSpec, backbone_tag, get_backbone
+from spl.extract.backbones import (
+    BackboneSpec,
+    backbone_tag,
+    build_resolved,
+    get_backbone,
+    resolve_weights,
+)
 from spl.extract.features import unreadable_rows
 from spl.fit.finetune import Classifier, FineTuner
-from spl.fit.losses import LOSSES, WITH_NEGATIVES, Loss
+from spl.fit.losses import LOSSES, Loss
 from spl.fit.recipes import Recipe, source_recipe
-from spl.linear import (
-    check_negatives,
-    check_resumed_scores,
-    load_training_scores,
-    loss_context,
-    pseudo_label_rows,
-    pseudo_labels_of,
-    resolve_losses,
-    scores_record,
-    training_scores,
-    write_pseudo_labels,
-)
 from spl.runs import LinearHead, LinearRun, Run, read_jsonl
 from spl.settings import FinetuneSettings
+from spl.training import TrainingInputs, open_run, training_inputs, write_pseudo_labels
 
 RESULT_COLUMNS = [
     "config", "loss", "lr", "batch_size", "seed", "best_epoch", "val_map", "test_map",
@@ -83,6 +80,20 @@ def load_linear_init(
     return linear.select(loss, seed)
 
 
+def resolved_settings(settings: FinetuneSettings, dataset: str) -> FinetuneSettings:
+    """The settings a fine-tune runs with and records: with ``--recipe source``, the
+    release's lr, batch size and epochs for ``dataset``; ``--weights PATH`` (a local state
+    dict) as the resolved ``weights_path``. Resolving recorded settings gives them back
+    unchanged, so that ``spl reproduce`` recognises an interrupted run of its job."""
+    changes: dict = {}
+    if settings.recipe == "source":
+        recipe = source_recipe(settings.loss, dataset)
+        changes.update(lrs=[recipe.lr], batch_sizes=[recipe.batch_size], epochs=recipe.epochs)
+    if settings.weights is not None and Path(settings.weights).is_file():
+        changes.update(weights=None, weights_path=str(Path(settings.weights).resolve()))
+    return dataclasses.replace(settings, **changes)
+
+
 def run_finetune(
     dataset_dir: Path,
     settings: FinetuneSettings,
@@ -91,211 +102,242 @@ def run_finetune(
     resume: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    run_file: Path | None = None,
 ) -> Path:
-    """Train every (lr, batch size, seed) of the grid end to end; returns the run directory."""
+    """Train every (lr, batch size, seed) of the grid end to end; returns the run directory
+    (also written to ``run_file``, as soon as the run exists)."""
     if settings.loss is None:
         raise SplError("give --loss (see `spl losses`)")
     procs = Processes.start(settings.device)
     try:
-        return _run(dataset_dir, settings, out_root, resume, progress, log, procs)
+        grid = _prepare(dataset_dir, settings, out_root, resume, run_file, procs)
+        results = [_train_config(grid, *config, progress, log) for config in grid.configs()]
+        _write_results(grid, results)
+        grid.run.complete()
+        procs.all_ok(True)
+        return grid.run.path
     finally:
         procs.close()
 
 
-def _run(dataset_dir, settings, out_root, resume, progress, log, procs) -> Path:
+@dataclass
+class FinetuneGrid:
+    """One fine-tune run: what every configuration of its grid trains with."""
+
+    run: Run
+    inputs: TrainingInputs
+    data: ImageSplits
+    spec: BackboneSpec
+    tag: str
+    recipe: Recipe | None
+    inits: dict[int, LinearHead | None]  # per seed, the LinearInit head (--init-from)
+    pseudo_summary: str  # the summary.md section on the pseudo-labels
+
+    @property
+    def settings(self) -> FinetuneSettings:
+        return self.inputs.settings
+
+    @property
+    def loss(self) -> Loss:
+        return self.inputs.losses[self.settings.loss]
+
+    def configs(self):
+        """(lr, batch size, seed, LinearInit head) of each configuration, in the grid's order."""
+        for seed in self.settings.seeds:
+            for bs in self.settings.batch_sizes:
+                for lr in self.settings.lrs:
+                    yield lr, bs, seed, self.inits[seed]
+
+
+def _prepare(dataset_dir, settings, out_root, resume, run_file, procs) -> FinetuneGrid:
+    """Resolve and check what the run trains on, build the image splits, and create or
+    resume the run."""
     prepared = load_prepared(dataset_dir)
-    context = loss_context(prepared, settings)
-    recipe = None
-    if settings.recipe == "source":
-        recipe = source_recipe(settings.loss, prepared.name)
-        settings = dataclasses.replace(
-            settings, lrs=[recipe.lr], batch_sizes=[recipe.batch_size], epochs=recipe.epochs
-        )
-    loss = resolve_losses(prepared, settings, [settings.loss], settings.epochs)[settings.loss]
-    score_set = load_training_scores(prepared, settings, {settings.loss: loss})
-    observed = settings.observed_for(loss.trains_on)
-    if loss.trains_on == WITH_NEGATIVES:
-        check_negatives(prepared, observed, [settings.loss])
-    prepared.observed_set(observed)
-    for bs in settings.batch_sizes:
-        if bs % procs.world:
-            raise SplError(
-                f"batch size {bs} is the global batch: it must divide by the {procs.world} "
-                "processes of this torchrun job"
-            )
-    _, spec = get_backbone(settings.backbone, settings.weights, settings.weights_path)
-    tag = backbone_tag(settings.backbone, spec.weights, settings.image_size)
+    settings = resolved_settings(settings, prepared.name)
+    recipe = source_recipe(settings.loss, prepared.name) if settings.recipe == "source" else None
+    weights = resolve_weights(
+        settings.backbone, settings.weights, settings.weights_path, True, None
+    )
+    tag = backbone_tag(settings.backbone, weights[1], settings.image_size)
+    inputs = training_inputs(
+        prepared, settings, [settings.loss], unreadable_rows(prepared, tag), processes=procs.world
+    )
+    _, spec = build_resolved(weights)
     data = ImageSplits(
         prepared, image_size=settings.image_size, mean=spec.mean, std=spec.std,
-        observed=observed, excluded=unreadable_rows(prepared, tag), procs=procs,
-        workers=settings.workers, cache_images=settings.cache_images,
+        observed=inputs.observed_sets[inputs.losses[settings.loss].trains_on],
+        excluded=inputs.excluded, procs=procs, workers=settings.workers,
+        cache_images=settings.cache_images,
     )  # fmt: skip
-    scores = training_scores(score_set, data.rows["train"])
-    if scores is not None:  # the loss computes its pseudo-labels from the training rows' scores
-        loss = type(loss)(loss.options, dataclasses.replace(loss.context, scores=scores))
-    pseudo = pseudo_labels_of({settings.loss: loss}, scores, data.observed())
-    writes = procs.rank == 0
-    if resume is None:
-        run = Run.create(Path(out_root) / prepared.name / tag, "finetune", {
-            "dataset": str(prepared.path.parent.resolve()),
-            "dataset_name": prepared.name,
-            "dataset_fingerprint": prepared.fingerprint,
-            "backbone_tag": tag,
-            "backbone": dataclasses.asdict(spec),
-            "settings": dataclasses.asdict(settings),
-            "loss_options": {settings.loss: dataclasses.asdict(loss.options)},
-            "recipe": None if recipe is None else dataclasses.asdict(recipe),
-            "expected_positives": context.expected_positives,
-            "excluded_bad_rows": {
-                split: len(prepared.rows(split)[1]) - len(rows) for split, rows in data.rows.items()
-            },
-            "classes": prepared.classes,
-            "processes": procs.world,
-            "device": str(procs.device),
-            "scores": scores_record(score_set, pseudo),
-        }, writes=writes)  # fmt: skip
-        run.at(Path(procs.broadcast(str(run.path))))
-    else:
-        run = Run.resume(resume, "finetune", writes=writes)
-        check_resumed_scores(run, scores_record(score_set, pseudo))
-    quality = pseudo_label_rows(pseudo, data.observed(), data.labels("train"), prepared.classes)
-    pseudo_summary = write_pseudo_labels(run, quality, settings.scores, len(data.rows["train"]))
-    results = []
-    common = (run, data, settings, loss, prepared, spec)
-    for seed in settings.seeds:
-        init = None
-        if settings.init_from:
-            init = load_linear_init(Path(settings.init_from), prepared, settings.loss, tag, seed)
-        for bs in settings.batch_sizes:
-            for lr in settings.lrs:
-                results.append(_train_config(*common, lr, bs, seed, init, progress, log, recipe))
-    run.write_csv("results.csv", results, RESULT_COLUMNS)
+    inputs = inputs.with_excluded(data.excluded)  # the image cache may have found more
+    inits = {
+        seed: None
+        if settings.init_from is None
+        else load_linear_init(Path(settings.init_from), prepared, settings.loss, tag, seed)
+        for seed in settings.seeds
+    }
+    record = inputs.record(
+        {"backbone_tag": tag, "backbone": dataclasses.asdict(spec)},
+        runtime={"processes": procs.world, "device": str(procs.device)},
+        extra={"recipe": None if recipe is None else dataclasses.asdict(recipe)},
+    )
+    parent = Path(out_root) / prepared.name / tag
+    run = open_run(
+        inputs, parent, "finetune", record, resume=resume, run_file=run_file, procs=procs
+    )
+    pseudo_summary = write_pseudo_labels(run, inputs)
+    return FinetuneGrid(run, inputs, data, spec, tag, recipe, inits, pseudo_summary)
+
+
+def _write_results(grid: FinetuneGrid, results: list[dict]) -> None:
+    settings, prepared = grid.settings, grid.inputs.prepared
+    grid.run.write_csv("results.csv", results, RESULT_COLUMNS)
     differences = paper.protocol_differences(
-        "finetune", tag=tag, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
+        "finetune", tag=grid.tag, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
         epochs=settings.epochs, observed=settings.observed, val=settings.val,
     )  # fmt: skip
     key = f"{settings.loss}+linearinit" if settings.init_from else settings.loss
-    run.write_text(
+    grid.run.write_text(
         "summary.md",
         report.finetune_summary(
-            prepared.name, tag, key, results, LOSSES, differences,
+            prepared.name, grid.tag, key, results, LOSSES, differences,
             protocol=report.protocol_text(settings.observed, settings.val),
-        ) + pseudo_summary,
+        ) + grid.pseudo_summary,
     )  # fmt: skip
-    run.complete()
-    procs.all_ok(True)
-    return run.path
 
 
 def _train_config(
-    run: Run, data: ImageSplits, settings: FinetuneSettings, loss: Loss, prepared, spec,
-    lr: float, bs: int, seed: int, init: LinearHead | None, progress: bool, log,
-    recipe: Recipe | None = None,
+    grid: FinetuneGrid, lr: float, bs: int, seed: int, init: LinearHead | None, progress: bool,
+    log: Callable[[str], None],
 ) -> dict:  # fmt: skip
+    """One configuration, trained (or resumed) to its result row."""
     name = config_name(lr, bs, seed)
-    folder = run.path / name
+    folder = grid.run.path / name
     result_path = folder / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())  # computed before an interruption
-    config_run = Run(folder, run.config, writes=run.writes)
+    run = Run(folder, grid.run.config, writes=grid.run.writes)
     if run.writes:
         folder.mkdir(parents=True, exist_ok=True)
-    procs = data.procs
-    checkpoint = config_run.load("last.pt", "fine-tune checkpoint")
-    best = config_run.load("best.pt", "fine-tune checkpoint") if checkpoint is not None else None
+    checkpoint = run.load("last.pt", "fine-tune checkpoint")
+    best = run.load("best.pt", "fine-tune checkpoint") if checkpoint is not None else None
     if checkpoint is not None:
         log(f"{name}: resuming after epoch {checkpoint['state']['epoch']}")
-    meta = _meta(settings, spec, prepared, lr, bs, seed, init)
-    timing = {"wait": 0.0, "step": 0.0, "images": 0}
-    bar = {"bar": None}
-
-    def on_step(step: int, waited: float, seconds: float) -> None:
-        timing["wait"] += waited
-        timing["step"] += seconds
-        timing["images"] += bs
-        if bar["bar"] is not None:
-            bar["bar"].update()
-
-    def on_epoch(tuner: FineTuner, record: dict) -> None:
-        if bar["bar"] is not None:
-            bar["bar"].close()
-            bar["bar"] = None
-        if record["epoch"] == 0:
-            config_run.append_history(
-                [
-                    {
-                        "config": name,
-                        "epoch": 0,
-                        "val_map": record["val_map"],
-                        "linear_val_map": init.val_map,
-                    }
-                ]  # fmt: skip
-            )
-        else:
-            saved = {**tuner.checkpoint(), "meta": meta}
-            if record["improved"]:
-                config_run.save("best.pt", saved)
-            config_run.save("last.pt", saved)
-            busy = timing["wait"] + timing["step"]
-            stats = {k: record[k] for k in ("train_loss", "steps")}
-            config_run.append_history([{
-                "config": name, "epoch": record["epoch"], "val_map": record["val_map"], **stats,
-                "images_per_second": timing["images"] / busy if busy else None,
-                "data_wait_fraction": timing["wait"] / busy if busy else None,
-            }])  # fmt: skip
-            best_val = tuner.progress_["best_val"]
-            if run.writes:
-                log(f"{name} epoch {record['epoch']}: val mAP {record['val_map']:.2f} "
-                    f"(best {best_val:.2f})")  # fmt: skip
-        timing.update(wait=0.0, step=0.0, images=0)
-        procs.all_ok(True)
-        if progress and run.writes and record["epoch"] < settings.epochs:
-            from tqdm import tqdm
-
-            bar["bar"] = tqdm(desc=f"{name} epoch {record['epoch'] + 1}", unit="step", leave=False)
+    settings, procs = grid.settings, grid.data.procs
+    recorder = _EpochRecorder(
+        run, name, _meta(grid, lr, bs, seed, init), bs, init, settings.epochs, procs,
+        progress and run.writes, log,
+    )  # fmt: skip
+    cuda = procs.device.type == "cuda"
+    tuner = FineTuner(
+        grid.loss, lr=lr, batch_size=bs, epochs=settings.epochs, seed=seed,
+        amp=settings.amp and cuda, channels_last=settings.channels_last and cuda,
+        freeze_batchnorm=settings.batchnorm == "frozen", sync_batchnorm=settings.sync_bn,
+        recipe=grid.recipe,
+    )  # fmt: skip
+    if checkpoint is None and init is None:
+        recorder.open_bar(1)  # a LinearInit run opens it after its epoch 0
+    prepared = grid.inputs.prepared
 
     def make_classifier() -> Classifier:
         backbone, _ = get_backbone(settings.backbone, settings.weights, settings.weights_path)
-        return Classifier(backbone, spec.feature_dim, prepared.num_classes)
+        return Classifier(backbone, grid.spec.feature_dim, prepared.num_classes)
 
-    cuda = procs.device.type == "cuda"
-    tuner = FineTuner(
-        loss, lr=lr, batch_size=bs, epochs=settings.epochs, seed=seed,
-        amp=settings.amp and cuda, channels_last=settings.channels_last and cuda,
-        freeze_batchnorm=settings.batchnorm == "frozen", sync_batchnorm=settings.sync_bn,
-        recipe=recipe,
-    )  # fmt: skip
-    if progress and run.writes and checkpoint is None and init is None:
-        from tqdm import tqdm
-
-        bar["bar"] = tqdm(desc=f"{name} epoch 1", unit="step", leave=False)
     tuner.fit(
         make_classifier,
-        data,
-        val_labels=settings.selection_labels(prepared, data.rows["val"]),
+        grid.data,
+        val_labels=grid.inputs.selection_labels,
         head=None if init is None else (init.weight, init.bias),
-        initial_state=None if init is None else init.state_for_rows(data.rows["train"]),
+        initial_state=None if init is None else init.state_for_rows(grid.inputs.rows["train"]),
         checkpoint=checkpoint,
         best=best,
-        on_epoch=on_epoch,
-        on_step=on_step,
+        on_epoch=recorder.on_epoch,
+        on_step=recorder.on_step,
     )
-    if bar["bar"] is not None:
-        bar["bar"].close()
-    history = [h for h in read_jsonl(folder / "history.jsonl") if h["epoch"] > 0]
-    result = {
+    recorder.close_bar()
+    result = _result(grid, tuner, name, lr, bs, seed, init, read_jsonl(folder / "history.jsonl"))
+    run.write_json("result.json", result)
+    run.remove("last.pt")  # best.pt is the model to keep
+    procs.all_ok(True)
+    return result
+
+
+class _EpochRecorder:
+    """What a configuration writes as it trains: per epoch the checkpoints (best.pt,
+    last.pt) and the history row with its throughput; and the progress bar of each epoch."""
+
+    def __init__(
+        self, run: Run, name: str, meta: dict, batch_size: int, init: LinearHead | None,
+        epochs: int, procs: Processes, progress: bool, log: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        self.run, self.name, self.meta, self.batch_size = run, name, meta, batch_size
+        self.init, self.epochs, self.procs = init, epochs, procs
+        self.progress, self.log = progress, log
+        self.timing = {"wait": 0.0, "step": 0.0, "images": 0}
+        self.bar = None
+
+    def open_bar(self, epoch: int) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=f"{self.name} epoch {epoch}", unit="step", leave=False)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_step(self, step: int, waited: float, seconds: float) -> None:
+        self.timing["wait"] += waited
+        self.timing["step"] += seconds
+        self.timing["images"] += self.batch_size
+        if self.bar is not None:
+            self.bar.update()
+
+    def on_epoch(self, tuner: FineTuner, record: dict) -> None:
+        self.close_bar()
+        if record["epoch"] == 0:  # the LinearInit head on the pretrained backbone
+            self.run.append_history([{"config": self.name, "epoch": 0, "val_map": record["val_map"],
+                                      "linear_val_map": self.init.val_map}])  # fmt: skip
+        else:
+            self._checkpoint(tuner, record)
+        self.timing.update(wait=0.0, step=0.0, images=0)
+        self.procs.all_ok(True)
+        if record["epoch"] < self.epochs:
+            self.open_bar(record["epoch"] + 1)
+
+    def _checkpoint(self, tuner: FineTuner, record: dict) -> None:
+        saved = {**tuner.checkpoint(), "meta": self.meta}
+        if record["improved"]:
+            self.run.save("best.pt", saved)
+        self.run.save("last.pt", saved)
+        timing = self.timing
+        busy = timing["wait"] + timing["step"]
+        stats = {k: record[k] for k in ("train_loss", "steps")}
+        self.run.append_history([{
+            "config": self.name, "epoch": record["epoch"], "val_map": record["val_map"], **stats,
+            "images_per_second": timing["images"] / busy if busy else None,
+            "data_wait_fraction": timing["wait"] / busy if busy else None,
+        }])  # fmt: skip
+        if self.run.writes:
+            self.log(f"{self.name} epoch {record['epoch']}: val mAP {record['val_map']:.2f} "
+                     f"(best {tuner.progress_['best_val']:.2f})")  # fmt: skip
+
+
+def _result(grid: FinetuneGrid, tuner: FineTuner, name: str, lr: float, bs: int, seed: int,
+            init: LinearHead | None, history: list[dict]) -> dict:  # fmt: skip
+    """A configuration's row of results.csv (and its result.json)."""
+    settings = grid.settings
+    trained = [h for h in history if h["epoch"] > 0]
+    return {
         "config": name, "loss": settings.loss, "lr": lr, "batch_size": bs, "seed": seed,
         "best_epoch": tuner.best_epoch_, "val_map": tuner.best_val_map_, **tuner.scores_,
         "init": f"linear:{init.name}" if init is not None else "imagenet",
         "recipe": settings.recipe, "epochs_trained": tuner.progress_["epoch"],
         "observed": settings.observed, "val": settings.val,
-        "images_per_second": _mean([h.get("images_per_second") for h in history]),
-        "data_wait_fraction": _mean([h.get("data_wait_fraction") for h in history]),
+        "images_per_second": _mean([h.get("images_per_second") for h in trained]),
+        "data_wait_fraction": _mean([h.get("data_wait_fraction") for h in trained]),
     }  # fmt: skip
-    config_run.write_json("result.json", result)
-    config_run.remove("last.pt")  # best.pt is the model to keep
-    procs.all_ok(True)
-    return result
 
 
 def _mean(values) -> float | None:
@@ -303,8 +345,9 @@ def _mean(values) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def _meta(settings, spec: BackboneSpec, prepared, lr, bs, seed, init) -> dict:
+def _meta(grid: FinetuneGrid, lr: float, bs: int, seed: int, init: LinearHead | None) -> dict:
     """What `spl predict` and a LinearInit check need to use a checkpoint on its own."""
+    settings, spec, prepared = grid.settings, grid.spec, grid.inputs.prepared
     return {
         "backbone": settings.backbone,
         "weights": spec.weights,

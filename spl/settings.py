@@ -1,260 +1,58 @@
 """Each command's settings, declared once: a dataclass whose fields carry their default,
-help and parser (:func:`setting`). The click options are generated from it
-(:func:`click_options`), ``--config`` files are checked against it, and a run records it
-in ``config.json``; defaults come from the paper's protocol (:mod:`spl.data.protocol`).
+help and parser (:func:`~spl.settings_fields.setting`). The click options are generated
+from it, ``--config`` files are checked against it, a run records it in ``config.json``,
+and :func:`~spl.settings_fields.to_args` gives the command line back; defaults come from
+the paper's protocol (:mod:`spl.data.protocol`). The declaring machinery is in
+:mod:`spl.settings_fields`, the settings of ``spl reproduce`` and ``spl demo`` in
+:mod:`spl.settings_reproduce`; both are importable from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import click
-
 from spl.data import protocol
 from spl.data.common import SplError
+from spl.settings_fields import (
+    at_least,
+    click_options,
+    config_value,
+    from_args,
+    ints,
+    loss_options,
+    names,
+    parse_value,
+    positive,
+    positive_floats,
+    positive_ints,
+    setting,
+    settings_from,
+    to_args,
+)
+from spl.settings_reproduce import (
+    BIAS_KINDS,
+    DATASETS,
+    MORE_TABLES,
+    TABLES,
+    DemoSettings,
+    ReproduceSettings,
+)
 
-# --------------------------------------------------------------------------- parsers
-# Each takes the command-line text (or a --config value) and the option's name, and
-# returns the value or raises SplError naming the option.
-
-
-def _numbers(text: Any, option: str, cast: type) -> list:
-    kind = "integers" if cast is int else "numbers"
-    items = text if isinstance(text, list | tuple) else str(text).split(",")
-    try:
-        values = [_cast(cast, v) for v in items if str(v).strip()]
-    except (TypeError, ValueError):
-        raise SplError(f"{option} takes comma-separated {kind}, got {text!r}") from None
-    if not values:
-        raise SplError(f"{option} needs at least one value")
-    return values
-
-
-def _cast(cast: type, value: Any):
-    if isinstance(value, bool):
-        raise TypeError("a boolean is not a number")
-    if cast is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError("not an integer")
-    return cast(str(value).strip()) if isinstance(value, str) else cast(value)
-
-
-def positive_floats(text: Any, option: str) -> list[float]:
-    """Comma-separated numbers, each finite and > 0 (learning rates)."""
-    values = _numbers(text, option, float)
-    bad = [v for v in values if not math.isfinite(v) or v <= 0]
-    if bad:
-        raise SplError(f"{option} must be positive finite numbers, got {bad[0]!r}")
-    return values
-
-
-def positive_ints(text: Any, option: str) -> list[int]:
-    values = _numbers(text, option, int)
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise SplError(f"{option} must be positive integers, got {bad[0]}")
-    return values
-
-
-def ints(text: Any, option: str) -> list[int]:
-    return _numbers(text, option, int)
-
-
-def names(text: Any, option: str) -> list[str]:
-    items = text if isinstance(text, list | tuple) else str(text).split(",")
-    values = [str(v).strip() for v in items if str(v).strip()]
-    if not values:
-        raise SplError(f"{option} needs at least one value")
-    return values
-
-
-def at_least(minimum: float) -> Callable[[Any, str], Any]:
-    def check(value: Any, option: str):
-        if value is not None and not value >= minimum:  # NaN fails too
-            raise SplError(f"{option} must be >= {minimum:g}, got {value!r}")
-        return value
-
-    return check
-
-
-def positive(value: Any, option: str):
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise SplError(f"{option} must be a positive finite number, got {value!r}")
-    return value
-
-
-def loss_options(items: Any, option: str) -> dict[str, dict[str, Any]]:
-    from spl.fit.losses import parse_loss_options
-
-    if isinstance(items, dict):
-        return parse_loss_options(items, where=option)
-    return parse_loss_options(list(items or ()), where=option)
-
-
-# --------------------------------------------------------------------------- declaring
-
-
-def setting(
-    default: Any = None,
-    *,
-    help: str,  # noqa: A002 - click's name
-    parse: Callable[[Any, str], Any] | None = None,
-    choices: Iterable[str] | None = None,
-    flag: str | None = None,
-    multiple: bool = False,
-    cli: bool = True,
-    show_default: bool | str = True,
-    factory: Callable[[], Any] | None = None,
-    path: str | None = None,
-    exists: bool = False,
-    required: bool = False,
-    hidden: bool = False,
-) -> Any:
-    """A settings field: its default, help and parser (for text from the command line or a
-    --config file), and how it shows on the command line (``flag``; ``path`` "file" or
-    "dir" for a path, ``exists`` to require it; ``cli=False`` for a setting only code
-    sets)."""
-    metadata = {
-        "help": help,
-        "parse": parse,
-        "choices": tuple(choices) if choices is not None else None,
-        "flag": flag,
-        "multiple": multiple,
-        "cli": cli,
-        "show_default": show_default,
-        "path": path,
-        "exists": exists,
-        "required": required,
-        "hidden": hidden,
-    }
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields shown on the command line, those named in ``cli_order`` first."""
-    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
-    order = list(getattr(cls, "cli_order", ()))
-    return sorted(fields, key=lambda f: order.index(f.name) if f.name in order else len(order))
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _kind(cls: type, f: dataclasses.Field) -> Any:
-    kind = typing.get_type_hints(cls)[f.name]
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    return kind
-
-
-def _shown(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return value
-
-
-def click_options(cls: type) -> Callable:
-    """Decorate a click command with one option per CLI field of the settings ``cls``."""
-
-    def decorate(command: Callable) -> Callable:
-        defaults = cls()
-        for f in reversed(_cli_fields(cls)):
-            meta, kind = f.metadata, _kind(cls, f)
-            default = getattr(defaults, f.name)
-            kwargs: dict[str, Any] = {
-                "help": meta["help"],
-                "show_default": meta["show_default"],
-                "hidden": meta["hidden"],
-            }
-            flag = _flag(f)
-            if kind is bool:
-                names_ = [f"{flag}/--no-{flag[2:]}"] if default else [flag]
-                kwargs.update(default=bool(default), is_flag=True)
-                if not default:
-                    kwargs["show_default"] = False
-                command = click.option(*names_, f.name, **kwargs)(command)
-                continue
-            if meta["path"]:
-                kind_ok = {"file_okay": meta["path"] == "file", "dir_okay": meta["path"] == "dir"}
-                path_type = click.Path(exists=meta["exists"], path_type=Path, **kind_ok)
-                kwargs.update(type=path_type, default=default, required=meta["required"])
-            elif meta["multiple"]:
-                kwargs.update(multiple=True, default=(), show_default=False)
-            elif meta["choices"]:
-                kwargs.update(type=click.Choice(meta["choices"]), default=default)
-            elif kind in (int, float, str):
-                kwargs.update(type=kind, default=default)
-            else:
-                kwargs.update(type=str, default=_shown(default))
-            if default is None and not meta["multiple"]:
-                kwargs["show_default"] = (
-                    meta["show_default"] if meta["show_default"] is not True else False
-                )
-            command = click.option(flag, f.name, **kwargs)(command)
-        return command
-
-    return decorate
-
-
-def parse_value(cls: type, name: str, value: Any, where: str | None = None) -> Any:
-    """One field's value from the command line or a --config file, parsed and checked.
-    ``where`` names the source in errors (the config file and key); the flag otherwise."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    option = where or _flag(f)
-    meta, kind = f.metadata, _kind(cls, f)
-    if meta.get("multiple") and value == ():
-        return getattr(cls(), name)
-    if value is None:
-        return None
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise SplError(f"{option} takes true or false, got {value!r}")
-        return value
-    if meta.get("choices") and str(value) not in meta["choices"]:
-        raise SplError(f"{option}: {value!r} is not one of {', '.join(meta['choices'])}")
-    if meta.get("path"):
-        return Path(value)
-    if kind in (int, float):
-        try:
-            value = _cast(kind, value)
-        except (TypeError, ValueError):
-            kind_name = "an integer" if kind is int else "a number"
-            raise SplError(f"{option} takes {kind_name}, got {value!r}") from None
-    parse = meta.get("parse")
-    if parse is not None:
-        value = parse(value, option)
-    return value
-
-
-def settings_from(cls: type, values: dict[str, Any], sources: dict[str, str] | None = None):
-    """``cls`` from click's values (strings parsed, checked; other keys ignored)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            out[f.name] = parse_value(cls, f.name, values[f.name], (sources or {}).get(f.name))
-    return cls(**out)
-
-
-def config_value(cls: type, name: str, value: Any, where: str) -> Any:
-    """A --config value checked as the command line's would be, the error naming the file
-    and key; returned in the form click expects as a default."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    parse_value(cls, name, value, where)
-    if f.metadata.get("multiple"):
-        if isinstance(value, dict):  # a [loss_options.<key>] table
-            return tuple(f"{k}.{o}={v}" for k, table in value.items() for o, v in table.items())
-        return tuple(value)
-    return _shown(value)
-
+__all__ = [
+    # the declaring machinery (spl.settings_fields)
+    "at_least", "click_options", "config_value", "from_args", "ints", "loss_options", "names",
+    "parse_value", "positive", "positive_floats", "positive_ints", "setting", "settings_from",
+    "to_args",
+    # spl reproduce and spl demo (spl.settings_reproduce)
+    "BIAS_KINDS", "DATASETS", "MORE_TABLES", "TABLES", "DemoSettings", "ReproduceSettings",
+    # the commands' settings
+    "DrawSettings", "ExtractSettings", "FinetuneSettings", "FitLinearOptions", "GridSettings",
+    "ImportScoresSettings", "ImportSettings", "LinearSettings", "LossSettings",
+    "ObserveSettings", "PredictSettings", "PrepareSettings", "PseudoLabelSettings",
+    "RunOptions",
+]  # fmt: skip
 
 # --------------------------------------------------------------------------- settings
 
@@ -412,6 +210,54 @@ class FinetuneSettings(GridSettings):
     )
 
 
+def _run_file(value: Any, option: str) -> Path | None:
+    """A file the run's path is written to: not a folder, in a folder (or one to create)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise SplError(
+            f"{option} {str(value)!r} is a folder; give a file path (the run directory's path "
+            "is written there)"
+        )
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise SplError(f"{option} {value}: {parent} is a file, not a folder")
+    return path
+
+
+@dataclass
+class RunOptions:
+    """Where a training command's run goes, and how it says so; not recorded with the run's
+    settings (they do not change what it computes)."""
+
+    out: Path = setting(
+        Path("runs"),
+        path="dir",
+        help="Runs root: the run goes to OUT/<dataset>/<tag>/<kind>-<time>/.",
+    )
+    resume: Path | None = setting(
+        None, path="dir", exists=True, help="Continue an interrupted run directory."
+    )
+    quiet: bool = setting(False, help="No progress bars.")
+    run_file: Path | None = setting(
+        None,
+        path="file",
+        parse=_run_file,
+        help="Write the run directory's path to FILE as soon as the run exists (created or "
+        "resumed): how a script (and `spl reproduce`) learns where the run went.",
+    )
+
+
+@dataclass
+class FitLinearOptions(RunOptions):
+    """``spl fit-linear``'s :class:`RunOptions` and the feature file it trains on."""
+
+    cli_order: ClassVar[tuple[str, ...]] = ("features",)
+
+    features: str | None = setting(None, help="Feature tag: reads DATASET/features/TAG.h5.")
+
+
 @dataclass
 class DrawSettings:
     """How single-positive labels are drawn (paper.md section 2), shared by ``spl data
@@ -509,153 +355,6 @@ class PredictSettings:
     device: str = setting("auto", help="auto, cpu, cuda, cuda:N.")
     batch_size: int = setting(32, parse=at_least(1), help="Images per batch.")
     output: Path | None = setting(None, path="file", help="Write here [stdout].")
-
-
-TABLES = ("linear", "finetune", "recovery")  # the paper's; `--table all`
-MORE_TABLES = ("since-2021", "label-bias")
-DATASETS = (*protocol.PAPER_DATASETS, "demo")
-BIAS_KINDS = protocol.BIASES  # the label-bias table's columns, in order
-
-
-def _tables(text: Any, option: str) -> list[str]:
-    items = names(text, option)
-    if items == ["all"]:
-        return list(TABLES)
-    return _one_of((*TABLES, *MORE_TABLES), "table")(text, option)
-
-
-def _since_rows(text: Any, option: str) -> list[str] | None:
-    from spl.fit.losses import LOSSES
-
-    if text is None or text == "":
-        return None
-    return _one_of(tuple(LOSSES), "loss")(text, option)
-
-
-def _one_of(valid: tuple[str, ...], what: str):
-    def parse(text: Any, option: str) -> list[str]:
-        items = names(text, option)
-        unknown = [t for t in items if t not in valid]
-        if unknown:
-            raise SplError(f"unknown {what} {unknown[0]!r}; valid: {', '.join(valid)}")
-        return list(dict.fromkeys(items))
-
-    return parse
-
-
-def _table_rows(text: Any, option: str) -> list[str] | None:
-    from spl.fit.losses import LOSSES
-
-    if text is None or text == "":
-        return None
-    valid = (*LOSSES, *(f"{k}+linearinit" for k in protocol.LINEARINIT))
-    return _one_of(valid, "loss")(text, option)
-
-
-@dataclass
-class ReproduceSettings:
-    """``spl reproduce``: which tables, datasets and seeds; the grids of both stages."""
-
-    tables: list[str] = setting(
-        factory=lambda: list(TABLES),
-        parse=_tables,
-        flag="--table",
-        show_default="all",
-        help="linear, finetune, recovery (all: these three, the paper's), since-2021 (the "
-        "methods since the paper, linear and fine-tuned with each release's recipe, beside "
-        "their published numbers) or label-bias (COCO: uniform / size / location / semantic "
-        "single positives side by side); comma list allowed.",
-    )
-    datasets: list[str] = setting(
-        factory=lambda: list(protocol.PAPER_DATASETS),
-        parse=_one_of(DATASETS, "dataset"),
-        help="Datasets (their columns).",
-    )
-    root: Path | None = setting(
-        None, path="dir", required=True, help="Datasets root holding ROOT/<dataset>/labels.h5."
-    )
-    seeds: list[int] = setting(factory=lambda: [0], parse=ints, help="Comma list of seeds.")
-    backbone: str = setting(protocol.BACKBONE, help="Backbone of the features and fine-tuning.")
-    weights: str | None = setting(
-        None, help="Backbone weights id or PATH [the backbone's default]."
-    )
-    image_size: int = setting(
-        protocol.IMAGE_SIZE, parse=at_least(1), help="Images resized to S x S."
-    )
-    runs: Path = setting(Path("runs"), path="dir", help="Runs root.")
-    out: Path = setting(Path("tables"), path="dir", help="Where tables, cell records and logs go.")
-    linear_epochs: int = setting(protocol.LINEAR_EPOCHS, parse=at_least(1), help="Linear epochs.")
-    linear_lrs: list[float] = setting(
-        factory=lambda: list(protocol.LRS), parse=positive_floats, help="Linear learning rates."
-    )
-    linear_batch_sizes: list[int] = setting(
-        factory=lambda: list(protocol.BATCH_SIZES), parse=positive_ints, help="Linear batch sizes."
-    )
-    finetune_epochs: int = setting(
-        protocol.FINETUNE_EPOCHS, parse=at_least(1), help="Fine-tuning epochs."
-    )
-    finetune_losses: list[str] | None = setting(
-        None, parse=_table_rows, help="Rows of the fine-tuned table [all eleven]."
-    )
-    finetune_lrs: list[float] = setting(
-        factory=lambda: list(protocol.LRS), parse=positive_floats, help="Fine-tuning lrs."
-    )
-    finetune_batch_sizes: list[int] = setting(
-        factory=lambda: list(protocol.BATCH_SIZES),
-        parse=positive_ints,
-        help="Fine-tuning batch sizes.",
-    )
-    device: str = setting("auto", help="auto, cpu, cuda, cuda:N.")
-    jobs: int | None = setting(None, parse=at_least(1), help="Parallel jobs [one per GPU, else 1].")
-    figure_dataset: str | None = setting(
-        None, help="Dataset of the histogram figure [coco14 if present]."
-    )
-    observed: str = setting(
-        "uniform",
-        help="Observed single positives the tables are made under: uniform (the paper's "
-        "set), size, location or semantic (a biased draw, COCO; added with `spl data "
-        "observe --bias` when missing), or any observed-set name in labels.h5.",
-    )
-    observed_seed: int = setting(
-        protocol.LABEL_SEED, help="Seed of the biased draws (--observed size|location|semantic)."
-    )
-    val: str = setting(
-        "full",
-        choices=("full", "observed"),
-        help="Select epochs and configurations on the val split's full labels (the paper's) "
-        "or its observed single positives.",
-    )
-    clicks: Path | None = setting(
-        None,
-        path="dir",
-        help="COCO's crowdsourced click files, for the semantic draw (--observed semantic; "
-        "the label-bias table's semantic column).",
-    )
-    since_losses: list[str] | None = setting(
-        None,
-        parse=_since_rows,
-        help="Rows of the since-2021 table [its nine methods, AN, ROLE; with --scores also "
-        "VLPL (em_pl) and AEVLP (gpr)].",
-    )
-    scores: str | None = setting(
-        None,
-        help="Scores tag (ROOT/<dataset>/scores/TAG.h5, from `spl pseudo-labels`) for the "
-        "rows that train on a vision-language model's pseudo-labels (VLPL, AEVLP).",
-    )
-    dry_run: bool = setting(False, help="List the cells, their state and the commands.")
-
-
-@dataclass
-class DemoSettings:
-    """``spl demo``: the bundled digits end to end."""
-
-    root: Path = setting(Path("demo-output"), path="dir", help="Where everything goes.")
-    image_size: int = setting(64, parse=at_least(1), help="Images resized to S x S.")
-    finetune_epochs: int = setting(
-        3, parse=at_least(1), help="Epochs of each LinearInit fine-tune."
-    )
-    device: str = setting("auto", help="auto, cpu, cuda, cuda:N.")
-    seed: int = setting(0, help="Seed of the demo images.")
 
 
 def _fraction(value: Any, option: str):

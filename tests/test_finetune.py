@@ -224,6 +224,18 @@ def test_linear_init_of_another_dataset_backbone_or_loss_is_refused(linear, runn
     assert "loss: the run has no 'wan' heads" in result.output
 
 
+def test_the_batch_size_rule_is_checked_before_a_run_exists(linear, runner, tmp_path):
+    dataset, linear_run, _ = linear
+    result = _finetune(runner, dataset, tmp_path, "--loss", "an", "--batch-sizes", "8,500",
+                       "--epochs", 1, ok=False)  # fmt: skip
+    assert "the train split has 132 rows, fewer than batch size 500" in result.output
+    # so is a LinearInit run without the loss: no run directory is left behind
+    result = _finetune(runner, dataset, tmp_path, "--loss", "wan", "--init-from", linear_run,
+                       ok=False)  # fmt: skip
+    assert "loss: the run has no 'wan' heads" in result.output
+    assert not (tmp_path / "demo").exists()
+
+
 def test_corrupt_checkpoint_is_reported(linear, runner, tmp_path):
     dataset, linear_run, _ = linear
     broken = tmp_path / "best.pt"

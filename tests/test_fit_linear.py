@@ -263,7 +263,28 @@ def test_bad_compile_setting_is_refused_before_a_run_exists(
 
 def test_split_smaller_than_batch_is_an_error(imported, tmp_path, runner):
     result = _fit(runner, imported, tmp_path / "runs", "--batch-sizes", "500", ok=False)
-    assert "fewer than batch size 500" in result.output
+    assert "the train split has 240 rows, fewer than batch size 500" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_file_says_where_the_run_went(imported, tmp_path, runner):
+    from spl.data.common import SplError
+    from spl.settings import FitLinearOptions, settings_from
+
+    record = tmp_path / "logs" / "fit.run"  # its folder is made
+    result = _fit(runner, imported, tmp_path / "runs", "--epochs", 1, "--losses", "an",
+                  "--lrs", "1e-2", "--run-file", record)  # fmt: skip
+    run = _run_dir(tmp_path / "runs")
+    assert record.read_text() == f"{run}\n" and f"run: {run}" in result.output
+    # its valid range: a file path, not a folder, not under a file; refused before a run
+    (tmp_path / "a-file").write_text("x")
+    for bad, message in ((tmp_path, "is a directory"),
+                         (tmp_path / "a-file" / "fit.run", "is a file, not a folder")):  # fmt: skip
+        result = _fit(runner, imported, tmp_path / "other", "--run-file", bad, ok=False)
+        assert "--run-file" in result.output and message in result.output, result.output
+        assert not (tmp_path / "other").exists()
+    with pytest.raises(SplError, match="'.' is a folder; give a file path"):
+        settings_from(FitLinearOptions, {"run_file": "."})  # as a --config key or from Python
 
 
 def test_import_refuses_bad_arrays(tmp_path, runner):

@@ -303,3 +303,124 @@ def test_since_2021_with_scores_adds_the_vision_language_rows(root, runner, tmp_
     assert "em_pl train on a vision-language model's pseudo-labels: pass --scores TAG" in (
         refused.output
     )
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def test_a_biased_draw_on_a_dataset_without_instance_annotations_is_refused(root, runner, tmp_path):
+    for observed, name in (("size", "size-p1-s1200"), ("location-p1-s7", "location-p1-s7")):
+        result = _reproduce(runner, root, tmp_path, "--observed", observed, "--datasets", "demo",
+                            "--dry-run", ok=False)  # fmt: skip
+        assert f"--observed {observed}: demo has no observed set '{name}'" in result.output
+        assert "reads COCO 2014's instance annotations, which only coco14 has" in result.output
+    # a set whose name says nothing of how to draw it is refused as well, before anything runs
+    result = _reproduce(runner, root, tmp_path, "--observed", "mine", "--datasets", "demo",
+                        "--table", "linear", ok=False)  # fmt: skip
+    assert "observed set 'mine' is not in" in result.output and "spl data observe" in result.output
+    assert not (tmp_path / "tables").exists()
+
+
+def test_the_plans_other_settings_are_checked(root, tmp_path):
+    from spl.data.common import SplError
+    from spl.reproduce import Plan
+
+    with pytest.raises(SplError, match="'epochs' is not a setting of `spl finetune` the plan"):
+        Plan(root=root, finetune_options={"epochs": 3})  # the plan's --finetune-epochs sets it
+    with pytest.raises(SplError, match=r"finetune_options\['batchnorm'\]: 'sideways' is not one"):
+        Plan(root=root, finetune_options={"batchnorm": "sideways"})
+    with pytest.raises(SplError, match="extract_options.* those are: amp, batch_size"):
+        Plan(root=root, extract_options={"bakbone": "resnet18"})
+    plan = Plan(root=root, finetune_options={"batchnorm": "frozen"})
+    assert plan.finetune_extra == ["--batchnorm", "frozen"]  # as the cells of earlier versions
+
+
+def _commands():
+    from spl.commands_data import observe
+    from spl.commands_extract import extract
+    from spl.commands_finetune import finetune
+    from spl.commands_fit import fit_linear
+    from spl.settings import (
+        ExtractSettings,
+        FinetuneSettings,
+        FitLinearOptions,
+        LinearSettings,
+        ObserveSettings,
+        RunOptions,
+    )
+
+    return {"observe": (observe, ObserveSettings, None),
+            "extract": (extract, ExtractSettings, None),
+            "linear": (fit_linear, LinearSettings, FitLinearOptions),
+            "finetune": (finetune, FinetuneSettings, RunOptions)}  # fmt: skip
+
+
+def test_each_job_is_its_settings_and_its_command_parses_back_to_them(root, runner, tmp_path):
+    """The command line of every kind of job, read by the command's own parser, gives the
+    job's settings back (nothing is written by hand)."""
+    from spl.reproduce import Plan, reproduce
+    from spl.settings_fields import settings_from
+
+    coco_root = _biased_coco(tmp_path)
+    plan = Plan(tables=["linear", "finetune", "since-2021"], datasets=["coco14"], root=coco_root,
+                runs=tmp_path / "runs", out=tmp_path / "tables", backbone="efficientnet_lite0",
+                image_size=SIZE, observed="size", val="observed", seeds=[0, 1],
+                finetune_losses=["an", "role+linearinit"], since_losses=["em", "an"],
+                finetune_options={"batchnorm": "frozen", "cache_images": True}, device="cpu")  # fmt: skip
+    jobs = reproduce(plan, dry_run=True)["jobs"]
+    assert {j.kind for j in jobs} == {"observe", "extract", "linear", "finetune"}
+    runs = {j.key: str(tmp_path / "linear-run") for j in jobs if j.key}
+    for job in jobs:
+        command, cls, options_cls = _commands()[job.kind]
+        args = job.command(runs)
+        start = 3 + (2 if job.kind == "observe" else 1)  # python -m spl VERB
+        assert args[start] == str(job.target)
+        ctx = command.make_context(command.name, args[start:])
+        assert settings_from(cls, ctx.params) == job.settings_for(runs), job.name
+        if options_cls is not None:
+            options = settings_from(options_cls, ctx.params)
+            assert options == job.options and options.run_file.parent == plan.out / "logs"
+    (tuned,) = [j for j in jobs if j.init_key]
+    assert tuned.settings_for(runs).init_from == str(tmp_path / "linear-run")
+    assert tuned.settings_for(runs).batchnorm == "frozen"
+    (draw,) = [j for j in jobs if j.kind == "observe"]
+    assert (draw.settings.bias, draw.settings.seed) == ("size", 1200)
+
+
+def test_an_interrupted_run_is_resumed_when_its_settings_equal_the_jobs(root, runner, tmp_path):
+    import dataclasses
+    import shlex
+    import shutil
+
+    from spl.reproduce import Plan, reproduce
+    from spl.reproduce_jobs import interrupted_run, plan_jobs
+    from spl.reproduce_plan import plan_cells
+    from spl.runs import mark_incomplete
+
+    shutil.copytree(root / "demo", tmp_path / "data" / "demo")
+    plan = Plan(tables=["linear"], datasets=["demo"], linear_losses=["an", "role"],
+                root=tmp_path / "data", runs=tmp_path / "runs", out=tmp_path / "tables",
+                backbone="efficientnet_lite0", image_size=SIZE, linear_epochs=2,
+                linear_lrs=[1e-2], linear_batch_sizes=[16], device="cpu")  # fmt: skip
+    invoke(runner, ["extract", plan.root / "demo", "--backbone", "efficientnet_lite0",
+                    "--image-size", SIZE, "--device", "cpu", "--workers", 0, "--no-progress"])  # fmt: skip
+    (job,) = plan_jobs(plan, plan_cells(plan))
+    # the same sweep, started by hand: its flags spelt and ordered otherwise
+    invoke(runner, ["fit-linear", plan.root / "demo", "--features", plan.tag, "--quiet",
+                    "--out", plan.runs, "--losses", "an,role", "--device", "cpu", "--epochs", 2,
+                    "--lrs", "0.010", "--batch-sizes", 16])  # fmt: skip
+    (run,) = (plan.runs / "demo" / plan.tag).iterdir()
+    recorded = json.loads((run / "config.json").read_text())["command"]
+    assert recorded != shlex.join(["spl", *job.command({})[3:]])
+    assert interrupted_run(plan, job, {}) is None  # it finished
+    mark_incomplete(run, "linear")
+    assert interrupted_run(plan, job, {}) == run
+    other = dataclasses.replace(job, settings=dataclasses.replace(job.settings, epochs=3))
+    assert interrupted_run(plan, other, {}) is None  # other settings: a new run
+    result = reproduce(plan, log=lambda _: None)
+    log = (plan.out / "logs" / "fit-linear-demo--an-role.log").read_text().splitlines()
+    assert log[0].endswith(f"fit-linear --resume {run} --quiet --run-file {job.run_file}")
+    assert job.run_file.read_text() == f"{run}\n"
+    assert [c.record["run"] for c in result["cells"]] == [str(run), str(run)]
+    assert list((plan.runs / "demo" / plan.tag).iterdir()) == [run]
+    assert not (run / "INCOMPLETE").exists()
