@@ -2,7 +2,8 @@
 
 A grid orchestrator: it reads the prepared dataset and the feature file, creates or resumes
 the run (:class:`spl.runs.Run`), trains the engine (:class:`spl.fit.engine.StackedHeads`),
-which also scores the test split, and writes what the engine computed.
+scores the test split with it (:func:`spl.evaluate.scoring.linear_results`) and writes
+what the engine computed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from spl.data.common import SplError
 from spl.data.prepared import PreparedDataset, load_prepared
 from spl.data.runtime import resolve_device
 from spl.evaluate import paper, report
+from spl.evaluate.scoring import linear_results
 from spl.extract.features import load_features, unreadable_rows
 from spl.extract.scores import ScoreSet, load_scores
 from spl.fit import fused
@@ -358,8 +360,6 @@ def run_linear(
         X_val=data.features["val"],
         Y_val=settings.selection_labels(prepared, data.rows["val"]),
         observed_iu=data.observed.get(WITH_NEGATIVES),
-        X_test=data.features["test"],
-        Y_test=data.labels["test"],
         state=state,
         on_epoch=on_epoch,
         on_step=None if bar is None else (lambda _: bar.update()),
@@ -398,12 +398,16 @@ def write_results(
     sections appended to the summary)."""
     # The protocol in every row: which observed labels trained it and which val labels
     # selected its epoch.
-    rows = [{**row, "observed": settings.observed, "val": settings.val} for row in model.results_]
+    results, per_class_ap = linear_results(
+        model, data.features["test"], data.labels["test"],
+        X_train=data.features["train"], Y_train=data.labels["train"],
+    )  # fmt: skip
+    rows = [{**row, "observed": settings.observed, "val": settings.val} for row in results]
     run.write_csv("results.csv", rows, RESULT_COLUMNS)
     run.write_csv(
         "per_class_ap.csv",
         [{"head": r["head"], **dict(zip(prepared.classes, ap, strict=True))}
-         for r, ap in zip(rows, model.per_class_ap_, strict=True)],
+         for r, ap in zip(rows, per_class_ap, strict=True)],
         ["head", *prepared.classes],
     )  # fmt: skip
     run.save(

@@ -12,6 +12,7 @@ import torch
 from spl.data.sampling import observe_uniform
 from spl.fit.engine import StackedHeads, epoch_batches, gradient_route
 from spl.fit.losses import LOSSES, Batch, Context, Scores, get_loss, loss, parse_loss_options
+from spl.fit.step import loss_batch, start_epoch, step_gradients
 
 from conftest import REPO, invoke
 
@@ -41,20 +42,18 @@ def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
     # train a little first, so that logits and ROLE's estimates are not at their start
     model.fit(X, observed, labels=labels, X_val=X[:30], Y_val=labels[:30], observed_iu=observed_iu,
               scores=scores)  # fmt: skip
-    model._setup(X, observed, labels, X[:30], labels[:30], observed_iu, model.state_dict(),
-                 scores=scores)  # fmt: skip
+    model.prepare(X, observed, labels=labels, X_val=X[:30], Y_val=labels[:30],
+                  observed_iu=observed_iu, state=model.state_dict(), scores=scores)  # fmt: skip
     (group,) = model.groups_
     epoch = 2
-    for slot in group.slots.values():
-        slot.loss.on_epoch_start(slot.state, epoch=epoch, num_epochs=3, seed=group.seed)
-    model._epoch_tables(group, epoch)
+    start_epoch(group, epoch)
     rows = epoch_batches(len(X), 8, 0, seed, torch.device("cpu"))[seed]
-    logits, per_head, grad, state_grads = model.step_gradients(group, rows, epoch)
+    logits, per_head, grad, state_grads = step_gradients(group, rows, epoch)
     routes = set()
     for key, slot in group.slots.items():
         routes.add(gradient_route(type(slot.loss)))
         sub = logits.index_select(1, slot.index).transpose(0, 1).detach().requires_grad_(True)
-        batch = model._batch(slot, rows, epoch)
+        batch = loss_batch(group, slot, rows, epoch)
         batch.state = {
             k: v.detach().clone().requires_grad_(v.is_floating_point())
             for k, v in batch.state.items()
@@ -190,8 +189,8 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     X, labels, observed, _ = _data()
     model = StackedHeads(losses=["an", "an_focal"], lrs=[1e-2], batch_sizes=[8], epochs=2,
                          loss_options={"an_focal": {"gamma": 1.0}}, device="cpu")  # fmt: skip
-    model.fit(X, observed, labels=labels, X_val=X, Y_val=labels, X_test=X, Y_test=labels)
-    assert [r["loss"] for r in model.results_] == ["an", "an_focal"]
+    model.fit(X, observed, labels=labels, X_val=X, Y_val=labels)
+    assert [h.loss for h in model.heads_] == ["an", "an_focal"]
     assert model.losses_["an_focal"].options.gamma == 1.0
     logits = torch.randn(4, 6)
     assert loss("an_focal", logits, torch.tensor(observed[:4]), gamma=0.0).item() == pytest.approx(
