@@ -48,6 +48,7 @@ from spl.data.protocol import LRS as PAPER_LRS
 from spl.data.sampling import observe_uniform
 from spl.evaluate.metrics import mean_average_precision
 from spl.fit.engine import StackedHeads
+from spl.fit.epoch import hidden_positive_histogram, split_map
 from spl.fit.losses import (
     PAPER_LOSSES,
     SINCE_2021,
@@ -364,13 +365,16 @@ def part_b(args, rows):
         full_eval = heads(0)
         full_eval.fit(Xtr, observed, labels=Ytr, X_val=Xva, Y_val=Yva, observed_iu=observed_iu)
         group = full_eval.groups_[0]
-        full_eval._data = {"X": None}
-        val = full_eval._map(
+        val = split_map(
             _aug(Xva, args.device),
             group.weight,
             torch.as_tensor(Yva, dtype=torch.float32, device=full_eval.device_),
+            full_eval.eval_chunk_heads,
         )
-        hist = full_eval._hidden_positive_histogram(group.weight, _aug(Xtr, args.device))
+        hidden = torch.as_tensor((Ytr == 1) & (observed == 0), device=full_eval.device_)
+        hist = hidden_positive_histogram(
+            group.weight, _aug(Xtr, args.device), hidden, full_eval.histogram_bins
+        )
         eval_seconds = time.perf_counter() - start
         epoch_seconds = step_seconds * (len(Xtr) // bs) + eval_seconds
         per_epoch += epoch_seconds

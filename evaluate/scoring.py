@@ -1,8 +1,10 @@
 """The scores a run records for a head on the test split, and its label recovery on the
-training split: one function for the linear engine and for fine-tuning alike."""
+training split: one function for the linear engine and for fine-tuning alike, and the
+rows of a linear run's results."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from spl.evaluate.metrics import (
@@ -50,3 +52,43 @@ def head_scores(
 def recovery_map(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """mAP of label estimates ``[N, L]`` against the hidden full training labels."""
     return float(mean_average_precision(probabilities, labels.float()))
+
+
+def linear_results(
+    model, X_test, Y_test, *, X_train, Y_train
+) -> tuple[list[dict], list[list[float]]]:
+    """The rows of a linear run's results.csv (less the run's protocol columns) and each
+    head's per-class test AP, from a fitted :class:`spl.fit.engine.StackedHeads`: the test
+    split scored once with every head's best-epoch weights (paper.md section 5), and the
+    training split's recovery of the hidden labels (paper Table 2), by the heads and by the
+    label estimates of losses that keep them (ROLE's estimator). ``X_train``, ``Y_train``:
+    the training features and full labels the model was fitted on.
+
+    Computed in the model's arithmetic (:meth:`~spl.fit.engine.StackedHeads.numerics`:
+    on a CPU, denormals as zero, as in training), one group of heads at a time."""
+    test_labels = torch.as_tensor(np.asarray(Y_test), dtype=torch.float32)
+    train_labels = torch.as_tensor(np.asarray(Y_train)).float()
+    rows: list[dict] = []
+    per_class_ap: list[list[float]] = []
+    offset = 0
+    with model.numerics(), torch.no_grad():
+        blocks = zip(model.decision_blocks(X_test), model.decision_blocks(X_train), strict=True)
+        for (heads, test_logits), (_, train_logits) in blocks:
+            scores = head_scores(
+                test_logits.float(), test_labels, train_logits.float(), train_labels
+            )
+            for i, head in enumerate(heads):
+                row = {
+                    "head": head.name, "loss": head.loss, "lr": head.lr,
+                    "batch_size": head.batch_size, "seed": head.seed,
+                    "best_epoch": int(model.best_epoch_[offset + i]),
+                    "val_map": float(model.best_val_map_[offset + i]),
+                }  # fmt: skip
+                per_class_ap.append(scores[i].pop("test_per_class_ap"))
+                row.update(scores[i])
+                estimates = model.estimator_probabilities(head)
+                if estimates is not None:
+                    row["estimator_recovery_map"] = recovery_map(estimates, train_labels)
+                rows.append(row)
+            offset += len(heads)
+    return rows, per_class_ap

@@ -2,8 +2,9 @@
 
 A grid orchestrator: it resolves what the run trains on (:func:`spl.training.training_inputs`),
 reads the feature file, creates or resumes the run (:func:`spl.training.open_run`), trains
-the engine (:func:`fit_heads`: :class:`spl.fit.engine.StackedHeads`, which also scores the
-test split), and writes what the engine computed.
+the engine and scores the test split with it (:func:`fit_heads`:
+:class:`spl.fit.engine.StackedHeads`, :func:`spl.evaluate.scoring.linear_results`), and
+writes what they computed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from spl.data.prepared import PreparedDataset, load_prepared
 from spl.data.runtime import resolve_device
 from spl.evaluate import paper, report
+from spl.evaluate.scoring import linear_results
 from spl.extract.features import load_features, unreadable_rows
 from spl.fit import fused
 from spl.fit.engine import HeadConfig, StackedHeads
@@ -115,14 +117,11 @@ def fit_heads(
     computed: the one place that trains the engine and reads its results."""
     settings = inputs.settings
     model = StackedHeads(
-        losses=settings.losses,
+        losses=inputs.losses,  # resolved and checked before the run existed
         lrs=settings.lrs,
         batch_sizes=settings.batch_sizes,
         seeds=settings.seeds,
         epochs=settings.epochs,
-        loss_options=settings.loss_options,
-        expected_positives=inputs.context.expected_positives,
-        dataset=inputs.prepared.name,
         device=device,
         histogram_bins=settings.histogram_bins,
     )
@@ -133,20 +132,22 @@ def fit_heads(
         X_val=features["val"],
         Y_val=inputs.selection_labels,
         observed_iu=inputs.observed.get(WITH_NEGATIVES),
-        X_test=features["test"],
-        Y_test=inputs.labels("test"),
         state=state,
         on_epoch=on_epoch,
         on_step=None if bar is None else (lambda _: bar.update()),
         scores=inputs.scores,
     )
+    results, per_class_ap = linear_results(
+        model, features["test"], inputs.labels("test"),
+        X_train=features["train"], Y_train=inputs.labels("train"),
+    )  # fmt: skip
     return FittedHeads(
         heads=model.heads_,
         weight=model.coef_.float(),
         bias=model.intercept_.float(),
         best_epoch=model.best_epoch_,
-        results=model.results_,
-        per_class_ap=model.per_class_ap_,
+        results=results,
+        per_class_ap=per_class_ap,
         exported_state=model.exported_state_,
         train_seconds=model.train_seconds_,
     )

@@ -1,4 +1,11 @@
-"""The stacked engine against each head trained alone with torch.optim.Adam in a plain loop."""
+"""The stacked engine against each head trained alone with torch.optim.Adam in a plain loop.
+
+The registry-wide checks are plain functions of loss keys (:func:`check_engine_equals_plain_loop`,
+:func:`check_export_is_the_best_epochs_state`): the parametrized tests call them with every
+registered loss, and tests/test_loss_interface.py with a loss registered at run time. They
+drive a loss through its own ``value`` and hooks only, so that a new loss needs no change
+here; the hand-written references of the stateful methods have their own test.
+"""
 
 import math
 
@@ -20,6 +27,7 @@ from spl.fit.losses import (
     Scores,
     estimator_init,
     get_loss,
+    make_losses,
     pseudo_negative_mask,
 )
 
@@ -39,8 +47,11 @@ def synthetic(n=120, d=16, num_classes=5, seed=0):
     return X.astype(np.float32), labels
 
 
-# APL labels after every epoch of the short runs here; AEVLP's DAMP on 2 x 2 tiles.
-OPTIONS = {"em_apl": {"warmup": 1}, "gpr": {"grid": 2, "threshold": 0.3}}
+# APL labels after every epoch of the short runs here; LL-Cp flips ceil(8 x 5 x 10%) - 1
+# entries a batch from epoch 2 (at its default 0.1% it flips none of a 40-entry batch);
+# AEVLP's DAMP on 2 x 2 tiles.
+OPTIONS = {"em_apl": {"warmup": 1}, "ll_cp": {"delta_rel": 10.0},
+           "gpr": {"grid": 2, "threshold": 0.3}}  # fmt: skip
 
 
 def vision_language_scores(labels, seed=0):
@@ -49,6 +60,125 @@ def vision_language_scores(labels, seed=0):
     image = 0.2 + 0.05 * labels + 0.02 * rng.randn(*labels.shape)
     tiles = image[:, None] + 0.03 * rng.randn(len(labels), 4, labels.shape[1])
     return Scores(torch.tensor(image), torch.tensor(tiles))
+
+
+def _data():
+    X, labels = synthetic()
+    observed = observe_uniform(labels, 1, 0, 1200)
+    observed_iu = observe_uniform(labels, 1, 1, 1200)
+    return X, labels, observed, observed_iu
+
+
+def _options(keys):
+    return {k: v for k, v in OPTIONS.items() if k in keys} or None
+
+
+def _linear_head(X, num_classes, seed):
+    head = torch.nn.Linear(X.shape[1], num_classes).double()
+    weight, bias = initial_head(X.shape[1], num_classes, seed)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head
+
+
+# ----------------------------------------------------------------- the registry-wide check
+
+
+def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
+    """One head alone, its loss driven through its own value and hooks: nn.Linear and
+    torch.optim.Adam (default settings) on the same batches; the loss's state from
+    ``init_state`` for one head, a batch's rows of it from ``batch_state``,
+    ``on_epoch_start`` before an epoch, ``after_step`` after each step (with the step's
+    logits), ``on_epoch_end`` after an epoch (with the head's probabilities on the training
+    rows when ``wants_scores``), and its ``trainable`` tensors trained by the same Adam at
+    lr x ``lr_multiplier``. Returns (weight, bias, state)."""
+    X = torch.tensor(X, dtype=torch.float64)
+    num_classes = observed.shape[1]
+    context = Context(num_classes, K, None, vision_language_scores(labels))
+    loss = get_loss(key).make(OPTIONS.get(key), context)
+    negatives = loss.trains_on == WITH_NEGATIVES
+    obs = torch.tensor(observed_iu if negatives else observed, dtype=torch.float64)
+    full = torch.tensor(labels, dtype=torch.float64)
+    head = _linear_head(X, num_classes, seed)
+    state = loss.init_state(obs, heads=1, seed=seed)
+    groups = [{"params": head.parameters(), "lr": lr}]
+    for name in loss.trainable:
+        state[name].requires_grad_(True)
+        groups.append({"params": [state[name]], "lr": lr * loss.lr_multiplier(name)})
+    optimizer = torch.optim.Adam(groups)
+    for epoch in range(1, epochs + 1):
+        loss.on_epoch_start(state, epoch=epoch, num_epochs=epochs, seed=seed)
+        for rows in epoch_batches(len(X), bs, seed, epoch - 1):
+            batch = Batch(obs[rows], full[rows], epoch, epochs, loss.batch_state(state, rows))
+            optimizer.zero_grad()
+            logits = head(X[rows])[None]  # [1, B, L]: the heads in front, as the engine's
+            loss.batch_loss(logits, batch).sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                after = Batch(obs[rows], full[rows], epoch, epochs, loss.batch_state(state, rows))
+                loss.after_step(state, rows=rows, logits=logits.detach(), batch=after)
+        scores = None
+        if loss.wants_scores(epoch=epoch, num_epochs=epochs):
+            with torch.no_grad():
+                scores = torch.sigmoid(head(X))[None]
+        loss.on_epoch_end(state, epoch=epoch, num_epochs=epochs, seed=seed, scores=scores)
+    return head.weight.detach(), head.bias.detach(), {k: v.detach() for k, v in state.items()}
+
+
+def check_engine_equals_plain_loop(keys, dtype=torch.float64, tol=1e-9, update="auto"):
+    """Every head of a sweep over ``keys`` (two lrs, two batch sizes) against
+    :func:`plain_loop`: its weights and every tensor of its loss's state. Returns the
+    fitted model."""
+    X, labels, observed, observed_iu = _data()
+    model = StackedHeads(
+        losses=keys, lrs=[1e-2, 1e-3], batch_sizes=[8, 16], seeds=[3], epochs=3,
+        expected_positives=K, loss_options=_options(keys), device="cpu", dtype=dtype,
+        update=update,
+    ).fit(
+        X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu,
+        scores=vision_language_scores(labels),
+    )  # fmt: skip
+    assert len(model.heads_) == len(keys) * 4
+    for group in model.groups_:
+        for index, head in enumerate(group.heads):
+            weight, bias, state = plain_loop(
+                head.loss, head.lr, head.batch_size, head.seed, 3,
+                X, observed, labels, observed_iu,
+            )  # fmt: skip
+            got = group.weight[index].double()  # [L, D + 1]: the bias is the last column
+            np.testing.assert_allclose(got[:, :-1], weight, atol=tol, rtol=0, err_msg=head.name)
+            np.testing.assert_allclose(got[:, -1], bias, atol=tol, rtol=0, err_msg=head.name)
+            engine_state = group.head_state(index, best=False)
+            assert engine_state.keys() == state.keys(), head.name
+            for name, expected in state.items():
+                value = engine_state[name]
+                if expected.dim() == value.dim() + 1:  # per head: the plain loop's one head
+                    expected = expected[0]
+                np.testing.assert_allclose(
+                    value.double().numpy(), expected.double().numpy(), atol=tol * 10, rtol=0,
+                    err_msg=f"{head.name}: {name}",
+                )  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize(
+    "compiled,update",
+    [(True, "inpass"), (True, "gemm"), (True, "auto"), (False, "eager")],
+    ids=["compiled-inpass", "compiled-gemm", "compiled-auto", "eager"],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeypatch):
+    """Every registered loss in one sweep: mixed routes in each group."""
+    monkeypatch.setenv("SPL_COMPILE", "1" if compiled else "0")
+    model = check_engine_equals_plain_loop(list(LOSSES), dtype, tol, update)
+    modes = {g.update_mode for g in model.groups_}
+    assert modes == ({update} if update != "auto" else modes) and modes <= set(fused.UPDATE_MODES)
+    # PR's group has autograd heads too; the weight update is the compiled one either way.
+    assert [g.compiled for g in model.groups_] == [compiled] * 2
+
+
+# ------------------------------------------------- the stateful methods, written out here
 
 
 def apl_update(targets, scores, observed, counts, remaining):
@@ -76,20 +206,16 @@ def ll_cp_flips(logits, observed, flipped, rows, delta):
     flipped[rows] |= ranked > threshold
 
 
-def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
-    """One head alone: nn.Linear, torch.optim.Adam (default settings), the same batches; the
-    paper's constants written out here (ROLE's estimator at 10 x lr, a pseudo-negative
-    fraction of 0.5), the state updates of EM + APL and LL-Cp, and VLPL's and AEVLP's
-    pseudo-labels, computed once from the scores."""
+def written_out_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
+    """One head of a stateful method alone, its state handled by hand: the paper's
+    constants written out (ROLE's estimator at 10 x lr, a pseudo-negative fraction of 0.5),
+    EM + APL's labelling and LL-Cp's flips (at delta 10%, OPTIONS), VLPL's and AEVLP's
+    pseudo-labels computed once from the scores. Returns (weight, bias, state)."""
     X = torch.tensor(X, dtype=torch.float64)
     num_classes = observed.shape[1]
     loss = get_loss(key).make(OPTIONS.get(key), Context(num_classes, K))
     scores = vision_language_scores(labels)
-    head = torch.nn.Linear(X.shape[1], num_classes).double()
-    weight, bias = initial_head(X.shape[1], num_classes, seed)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
+    head = _linear_head(X, num_classes, seed)
     groups = [{"params": head.parameters(), "lr": lr}]
     theta = None
     if key == "role":
@@ -121,65 +247,153 @@ def plain_loop(key, lr, bs, seed, epochs, X, observed, labels, observed_iu):
             loss.batch_loss(logits, batch).backward()
             optimizer.step()
             if key == "ll_cp" and epoch >= 1:
-                ll_cp_flips(logits.detach(), obs, flipped, rows, 0.1 / 100)
+                ll_cp_flips(logits.detach(), obs, flipped, rows, 10.0 / 100)
         if key == "em_apl":
             with torch.no_grad():
                 scores = torch.sigmoid(head(X))
             apl_update(targets, scores, obs, counts, epochs - 1)
-    return head.weight.detach(), head.bias.detach(), theta
+    state = {"role": {"theta": theta}, "em_apl": {"pseudo_targets": targets},
+             "ll_cp": {"flipped": flipped}, "pseudo_neg": {"pseudo_negatives": eta}}  # fmt: skip
+    return head.weight.detach(), head.bias.detach(), state.get(key, {})
 
 
-def _data():
-    X, labels = synthetic()
-    observed = observe_uniform(labels, 1, 0, 1200)
-    observed_iu = observe_uniform(labels, 1, 1, 1200)
-    return X, labels, observed, observed_iu
-
-
-@pytest.mark.parametrize(
-    "compiled,update",
-    [(True, "inpass"), (True, "gemm"), (True, "auto"), (False, "eager")],
-    ids=["compiled-inpass", "compiled-gemm", "compiled-auto", "eager"],
-)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeypatch):
-    monkeypatch.setenv("SPL_COMPILE", "1" if compiled else "0")
+@pytest.mark.parametrize("key", ["role", "pseudo_neg", "em_apl", "ll_cp", "em_pl", "gpr"])
+def test_stateful_methods_equal_their_written_out_loops(key):
     X, labels, observed, observed_iu = _data()
-    losses = list(LOSSES)
     model = StackedHeads(
-        losses=losses,
-        lrs=[1e-2, 1e-3],
-        batch_sizes=[8, 16],
-        seeds=[3],
-        epochs=3,
-        expected_positives=K,
-        loss_options=OPTIONS,
-        device="cpu",
-        dtype=dtype,
-        update=update,
+        losses=[key], lrs=[1e-2, 1e-3], batch_sizes=[8, 16], seeds=[3], epochs=3,
+        expected_positives=K, loss_options=_options([key]), device="cpu", dtype=torch.float64,
     ).fit(
         X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu,
         scores=vision_language_scores(labels),
     )  # fmt: skip
-    modes = {g.update_mode for g in model.groups_}
-    assert modes == ({update} if update != "auto" else modes) and modes <= set(fused.UPDATE_MODES)
-    assert len(model.heads_) == len(losses) * 4
-    # PR's group has autograd heads too; the weight update is the compiled one either way.
-    assert [g.compiled for g in model.groups_] == [compiled] * 2
     for group in model.groups_:
         for index, head in enumerate(group.heads):
-            weight, bias, theta = plain_loop(
-                head.loss, head.lr, head.batch_size, head.seed, 3,
-                X, observed, labels, observed_iu,
-            )  # fmt: skip
-            got = group.weight[index].double()  # [L, D + 1]: the bias is the last column
-            np.testing.assert_allclose(got[:, :-1], weight, atol=tol, rtol=0)
-            np.testing.assert_allclose(got[:, -1], bias, atol=tol, rtol=0)
-            if head.loss == "role":
-                got = group.head_state(index, best=False)["theta"].double()
-                np.testing.assert_allclose(got, theta.detach(), atol=tol * 10, rtol=0)
-                # dense Adam: rows outside the last batch moved too
-                assert (got != estimator_init(torch.tensor(observed), estimator_generator(3))).all()
+            weight, bias, state = written_out_loop(
+                key, head.lr, head.batch_size, head.seed, 3, X, observed, labels, observed_iu
+            )
+            got = group.weight[index]
+            np.testing.assert_allclose(got[:, :-1], weight, atol=1e-9, rtol=0)
+            np.testing.assert_allclose(got[:, -1], bias, atol=1e-9, rtol=0)
+            engine_state = group.head_state(index, best=False)
+            for name, expected in state.items():
+                np.testing.assert_allclose(engine_state[name].double(), expected.detach(),
+                                           atol=1e-8, rtol=0, err_msg=name)  # fmt: skip
+            if key == "role":  # dense Adam: rows outside the last batch moved too
+                start = estimator_init(torch.tensor(observed), estimator_generator(3))
+                assert (engine_state["theta"] != start).all()
+            if key == "em_apl":  # labelled after each epoch, never an observed entry
+                labelled = ~torch.isnan(engine_state["pseudo_targets"])
+                assert labelled.any() and not (labelled & torch.tensor(observed != 0)).any()
+            if key == "ll_cp":
+                assert engine_state["flipped"].sum() > 0  # the flips are exercised
+
+
+# ------------------------------------------------------- heads.pt: the best epoch's state
+
+
+def exporting_losses():
+    """The registered losses whose heads export state (heads.pt's ``state``: LinearInit)."""
+    X, labels, observed, observed_iu = _data()
+    keys = list(LOSSES)
+    model = StackedHeads(
+        losses=keys, lrs=[1e-2], batch_sizes=[8], epochs=3, expected_positives=K,
+        loss_options=_options(keys), device="cpu",
+    ).prepare(
+        X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu,
+        scores=vision_language_scores(labels),
+    )  # fmt: skip
+    (group,) = model.groups_
+    return [head.loss for i, head in enumerate(group.heads) if group.exported_state(i)]
+
+
+def check_export_is_the_best_epochs_state(key):
+    """A head's exported state is its state at its best epoch, whatever the loss: val
+    labels all zero give every head mAP 0 each epoch, ties keep the earlier epoch, so epoch
+    1 is the best; its state is recorded after epoch 1 (on_epoch), and must have changed
+    by the last epoch (or the check proves nothing: give the loss OPTIONS that change it)."""
+    X, labels, observed, observed_iu = _data()
+    after_first = {}
+
+    def record(model, record):
+        if record["epoch"] == 1:
+            for head in record["group"].heads:
+                state = model.head_state(head, best=False)
+                exported = model.losses_[head.loss].export_state(state)
+                after_first[head.name] = {n: t.clone() for n, t in exported.items()}
+
+    model = StackedHeads(
+        losses=[key], lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=3, expected_positives=K,
+        loss_options=_options([key]), device="cpu",
+    ).fit(
+        X, observed, labels=labels, X_val=X[:40], Y_val=np.zeros_like(labels[:40]),
+        observed_iu=observed_iu, scores=vision_language_scores(labels), on_epoch=record,
+    )  # fmt: skip
+    assert (model.best_epoch_ == 1).all() and (model.best_val_map_ == 0).all()
+    for head in model.heads_:
+        exported, first = model.exported_state_.get(head.name, {}), after_first[head.name]
+        assert exported.keys() == first.keys(), head.name
+        last = model.losses_[head.loss].export_state(model.head_state(head, best=False))
+        changed = []
+        for name, tensor in first.items():
+            torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, equal_nan=True)
+            changed.append(not torch.equal(last[name].nan_to_num(-1), tensor.nan_to_num(-1)))
+        assert not first or any(changed), f"{head.name}: its state never changed after epoch 1"
+
+
+@pytest.mark.parametrize("key", exporting_losses())
+def test_heads_export_their_best_epochs_state(key):
+    check_export_is_the_best_epochs_state(key)
+
+
+def test_the_exported_state_survives_a_resume():
+    """Checkpoints carry each head's kept export: a sweep resumed after its best epoch
+    exports what the uninterrupted one does."""
+    X, labels, observed, observed_iu = _data()
+    kwargs = dict(losses=["em_apl", "ll_cp"], lrs=[1e-2], batch_sizes=[8], epochs=3,
+                  loss_options=_options(["em_apl", "ll_cp"]), device="cpu")  # fmt: skip
+    fit = dict(labels=labels, X_val=X[:40], Y_val=np.zeros_like(labels[:40]))
+    saved = {}
+
+    def stop_after_two(model, record):
+        if record["epoch"] == 2:
+            saved["state"] = model.state_dict()
+
+    full = StackedHeads(**kwargs).fit(X, observed, on_epoch=stop_after_two, **fit)
+    resumed = StackedHeads(**kwargs).fit(X, observed, state=saved["state"], **fit)
+    assert full.exported_state_.keys() == resumed.exported_state_.keys() and full.exported_state_
+    for name, state in full.exported_state_.items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(resumed.exported_state_[name][key], tensor, rtol=0,
+                                       atol=0, equal_nan=True)  # fmt: skip
+
+
+# ------------------------------------------------------------- losses resolved elsewhere
+
+
+def test_the_engine_takes_resolved_losses():
+    """Losses resolved before the run (the orchestrator's) train as their keys do; the
+    data's scores reach the losses that read them without changing the caller's objects."""
+    X, labels, observed, observed_iu = _data()
+    keys = ["an", "role", "em_apl", "em_pl"]
+    options = {"role": {"estimator_lr_multiplier": 5.0}, **_options(keys)}
+    kwargs = dict(lrs=[1e-2], batch_sizes=[8], epochs=2, device="cpu", dtype=torch.float64)
+    fit = dict(labels=labels, X_val=X[:40], Y_val=labels[:40], observed_iu=observed_iu,
+               scores=vision_language_scores(labels))  # fmt: skip
+    by_key = StackedHeads(losses=keys, loss_options=options, expected_positives=K, **kwargs)
+    by_key.fit(X, observed, **fit)
+    resolved = make_losses(keys, options, Context(labels.shape[1], K))
+    for given in (resolved, list(resolved.values())):
+        model = StackedHeads(losses=given, **kwargs).fit(X, observed, **fit)
+        assert [h.name for h in model.heads_] == [h.name for h in by_key.heads_]
+        torch.testing.assert_close(model.coef_, by_key.coef_, rtol=0, atol=0)
+        assert model.losses_["role"].options.estimator_lr_multiplier == 5.0
+        assert model.losses_["em_pl"].context.scores is not None
+    assert resolved["em_pl"].context.scores is None  # the caller's objects are untouched
+    with pytest.raises(ValueError, match="loss_options apply to loss keys"):
+        StackedHeads(losses=resolved, loss_options={"an": {}}, **kwargs).fit(X, observed, **fit)
+    with pytest.raises(TypeError, match="mixes loss keys and loss objects"):
+        StackedHeads(losses=["an", resolved["role"]], **kwargs).fit(X, observed, **fit)
 
 
 def test_only_groups_whose_step_reads_in_place_buffers_may_be_replayed_as_a_cuda_graph():
@@ -318,7 +532,7 @@ def test_failed_compilation_falls_back_to_the_eager_update(monkeypatch):
     monkeypatch.setattr(fused, "_broken", False)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         fallen_back = fit()
-    assert fused._broken and not any(g.compiled for g in fallen_back.groups_)
+    assert fused.broken() and not any(g.compiled for g in fallen_back.groups_)
     torch.testing.assert_close(fallen_back.coef_, eager.coef_, rtol=0, atol=0)
 
 

@@ -1,5 +1,6 @@
-"""The loss interface: every registered loss's engine gradient against autograd of its value,
-per-loss options from the command line and --config, and the functional API."""
+"""The loss interface: every registered loss's engine gradient against autograd of its value
+(:func:`check_engine_gradients`, also run for a loss registered at run time), per-loss
+options from the command line and --config, and the functional API."""
 
 import json
 import re
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from spl.data.common import SplError
 from spl.data.sampling import observe_uniform
 from spl.fit.engine import StackedHeads, epoch_batches, gradient_route
 from spl.fit.losses import LOSSES, Batch, Context, Scores, get_loss, loss, parse_loss_options
+from spl.fit.step import loss_batch, start_epoch, step_gradients
 
 from conftest import REPO, invoke
 
@@ -24,51 +27,58 @@ def _data(seed=0, n=96, d=10, num_classes=6):
     return X, labels, observe_uniform(labels, 1, 0, 7), observe_uniform(labels, 1, 1, 7)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
-    """On random batches, the gradient the engine computes on each loss's route (label-only
-    weights, the fused closed form, autograd) equals autograd of the loss's own value, for
-    the logits and for trainable state."""
+def check_engine_gradients(keys, seed=0):
+    """On a random batch of a sweep over ``keys``, the gradient the engine computes on each
+    loss's route (label-only weights, the fused closed form, a kernel, autograd) equals
+    autograd of the loss's own value, for the logits and for its trainable state (through
+    its own ``batch_state``). Returns the routes seen."""
     X, labels, observed, observed_iu = _data(seed)
     rng = np.random.RandomState(seed)
     image = 0.2 + 0.05 * labels + 0.02 * rng.randn(*labels.shape)  # cosines for VLPL, AEVLP
     scores = Scores(torch.tensor(image), torch.tensor(image[:, None] + 0.03 * rng.randn(96, 4, 6)))
+    options = {"em_apl": {"warmup": 1}, "gpr": {"grid": 2, "threshold": 0.3}}
     model = StackedHeads(
-        losses=list(LOSSES), lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=3, expected_positives=1.7,
+        losses=keys, lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=3, expected_positives=1.7,
         device="cpu", dtype=torch.float64,
-        loss_options={"em_apl": {"warmup": 1}, "gpr": {"grid": 2, "threshold": 0.3}},
+        loss_options={k: v for k, v in options.items() if k in keys} or None,
     )  # fmt: skip
+    fit = dict(labels=labels, X_val=X[:30], Y_val=labels[:30], observed_iu=observed_iu,
+               scores=scores)  # fmt: skip
     # train a little first, so that logits and ROLE's estimates are not at their start
-    model.fit(X, observed, labels=labels, X_val=X[:30], Y_val=labels[:30], observed_iu=observed_iu,
-              scores=scores)  # fmt: skip
-    model._setup(X, observed, labels, X[:30], labels[:30], observed_iu, model.state_dict(),
-                 scores=scores)  # fmt: skip
+    model.fit(X, observed, **fit)
+    model.prepare(X, observed, state=model.state_dict(), **fit)
     (group,) = model.groups_
     epoch = 2
-    for slot in group.slots.values():
-        slot.loss.on_epoch_start(slot.state, epoch=epoch, num_epochs=3, seed=group.seed)
-    model._epoch_tables(group, epoch)
+    start_epoch(group, epoch)
     rows = epoch_batches(len(X), 8, 0, seed, torch.device("cpu"))[seed]
-    logits, per_head, grad, state_grads = model.step_gradients(group, rows, epoch)
+    logits, per_head, grad, state_grads = step_gradients(group, rows, epoch)
+    engine_state_grads = {part.loss.key: grads for part, grads in state_grads}
     routes = set()
     for key, slot in group.slots.items():
         routes.add(gradient_route(type(slot.loss)))
         sub = logits.index_select(1, slot.index).transpose(0, 1).detach().requires_grad_(True)
-        batch = model._batch(slot, rows, epoch)
-        batch.state = {
-            k: v.detach().clone().requires_grad_(v.is_floating_point())
-            for k, v in batch.state.items()
-        }
+        state = {name: tensor.detach().clone() for name, tensor in slot.state.items()}
+        for name in slot.loss.trainable:
+            state[name].requires_grad_(True)
+        batch = loss_batch(group, slot, rows, epoch)
+        batch.state = slot.loss.batch_state(state, rows)
         value = slot.loss.batch_loss(sub, batch)
         value.sum().backward()
         engine_grad = grad.index_select(1, slot.index).transpose(0, 1)
         torch.testing.assert_close(engine_grad, sub.grad, rtol=1e-9, atol=1e-12, msg=key)
         torch.testing.assert_close(per_head[slot.index], value.detach(), rtol=1e-9, atol=1e-12)
-        for part, grads in state_grads:
-            if part is slot:
-                (theta,) = grads  # ROLE: theta, whose batch rows are the estimates
-                estimates = batch.state[slot.loss.batch_state_names[0]]
-                torch.testing.assert_close(theta, estimates.grad, rtol=1e-9, atol=1e-12)
+        if slot.loss.trainable:
+            assert key in engine_state_grads, f"{key}: the engine trains none of its state"
+        for name, engine in zip(slot.loss.trainable, engine_state_grads.get(key, ()), strict=True):
+            expected = state[name].grad.index_select(-2, rows)  # [h, B, L]: the batch rows
+            torch.testing.assert_close(engine, expected, rtol=1e-9, atol=1e-12, msg=key)
+    return routes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_engine_gradients_equal_autograd_of_every_loss_value(seed):
+    """Every registered loss, in one group: mixed routes."""
+    routes = check_engine_gradients(list(LOSSES), seed)
     assert routes == {"weights", "fused", "autograd", "kernel"}
 
 
@@ -171,11 +181,14 @@ def test_readme_names_every_loss():
 
 
 def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
-    """The worked example of docs/architecture.md, executed: the new class trains in the
-    engine and works in the functional API without any other change."""
+    """The worked example of docs/architecture.md, executed and registered at run time
+    (monkeypatch undoes it): the registry-wide checks pass for it with no other change, and
+    it works in the engine, --losses all and the functional API."""
     from dataclasses import dataclass
 
-    import spl.fit.losses as losses_package
+    from test_engine import check_engine_equals_plain_loop, check_export_is_the_best_epochs_state
+
+    import spl.fit.losses as registry
     from spl.fit.losses.base import Loss, is_value, log_neg, log_pos
 
     text = (REPO / "docs" / "architecture.md").read_text()
@@ -185,13 +198,25 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
              "log_pos": log_pos, "log_neg": log_neg}  # fmt: skip
     exec(compile(code, "architecture.md", "exec"), scope)  # noqa: S102 - the docs' example
     focal = scope["FocalAN"]
-    monkeypatch.setitem(LOSSES, focal.key, focal)
-    monkeypatch.setitem(losses_package.GROUPS, "all", [*losses_package.GROUPS["all"], focal.key])
+    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
+    monkeypatch.setitem(registry.GROUPS, "all", list(registry.GROUPS["all"]))
+    assert registry.register(focal) is focal
+    with pytest.raises(SplError, match="loss key 'an_focal' is taken \\(FocalAN\\)"):
+        registry.register(focal)
+    with pytest.raises(SplError, match="loss key 'an' is taken"):
+        registry.register(type("Other", (Loss,), {"key": "an"}))
+    with pytest.raises(SplError, match="a subclass of Loss with a key"):
+        registry.register(type("Nameless", (Loss,), {}))
+    assert registry.parse_losses("all")[-1] == "an_focal"
+    # the registry-wide checks, as for every registered loss
+    assert check_engine_gradients(["an", "an_focal"]) == {"weights", "autograd"}
+    check_engine_equals_plain_loop(["an", "an_focal"])
+    check_export_is_the_best_epochs_state("an_focal")
     X, labels, observed, _ = _data()
     model = StackedHeads(losses=["an", "an_focal"], lrs=[1e-2], batch_sizes=[8], epochs=2,
                          loss_options={"an_focal": {"gamma": 1.0}}, device="cpu")  # fmt: skip
-    model.fit(X, observed, labels=labels, X_val=X, Y_val=labels, X_test=X, Y_test=labels)
-    assert [r["loss"] for r in model.results_] == ["an", "an_focal"]
+    model.fit(X, observed, labels=labels, X_val=X, Y_val=labels)
+    assert [h.loss for h in model.heads_] == ["an", "an_focal"]
     assert model.losses_["an_focal"].options.gamma == 1.0
     logits = torch.randn(4, 6)
     assert loss("an_focal", logits, torch.tensor(observed[:4]), gamma=0.0).item() == pytest.approx(

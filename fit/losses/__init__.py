@@ -1,7 +1,8 @@
 """Every single-positive loss, one object each (the interface: :mod:`.base`).
 
 Adding a method is one class in a family module, one line in ``REGISTRY`` below and one
-test (``docs/architecture.md`` walks through an example). For users' own training loops,
+test (``docs/architecture.md`` walks through an example); a loss defined elsewhere joins
+with :func:`register`. For users' own training loops,
 :func:`loss` computes any of them on a batch::
 
     from spl.fit.losses import loss
@@ -69,8 +70,22 @@ __all__ = [
     "apl_label", "clean_rate", "gr_schedule",
     "estimator_from_probabilities", "estimator_init", "expected_positive_penalty", "get_loss",
     "log_neg", "log_pos", "loss", "make_losses", "parse_loss_options", "parse_losses",
-    "pseudo_negative_mask",
+    "pseudo_negative_mask", "register",
 ]  # fmt: skip
+
+
+def register(cls: type[Loss]) -> type[Loss]:
+    """Add a loss class to the registry and the ``all`` group at run time (a loss outside
+    this package; those inside get a line in ``REGISTRY``); returns the class, so that it
+    also serves as a decorator. A key already registered, or a group's name, is refused."""
+    if not (isinstance(cls, type) and issubclass(cls, Loss)) or not cls.key:
+        raise SplError(f"register() takes a subclass of Loss with a key, got {cls!r}")
+    if cls.key in LOSSES or cls.key in GROUPS:
+        taken = LOSSES[cls.key].__name__ if cls.key in LOSSES else "a group of losses"
+        raise SplError(f"loss key {cls.key!r} is taken ({taken}): give {cls.__name__} another")
+    LOSSES[cls.key] = cls
+    GROUPS["all"].append(cls.key)
+    return cls
 
 
 def get_loss(key: str) -> type[Loss]:
