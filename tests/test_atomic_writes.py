@@ -215,3 +215,17 @@ def test_every_writer_removes_what_its_killed_writes_left(tmp_path, write):
     assert not [p for p in final.parent.iterdir() if ".tmp-" in p.name]
     if final.suffix in (".json", ".npy"):
         assert final.read_bytes() == before
+
+
+def test_a_partial_folder_drops_the_chunks_killed_writers_left(tmp_path, live_pid):
+    """A resumed extraction removes the chunk temporaries of dead processes only."""
+    from spl.extract.chunks import open_partial
+
+    partial = tmp_path / ".tag.partial"
+    open_partial(partial, {"backbone": "b"}, 4, force=False)
+    dead = killed_writer(partial / "trainval-000001.npz")
+    host = dead.name.removeprefix(".trainval-000001.npz.tmp-").rsplit("-", 1)[0]
+    live = partial / f".trainval-000002.npz.tmp-{host}-{live_pid}"
+    live.write_bytes(b"being written")
+    open_partial(partial, {"backbone": "b"}, 4, force=False)
+    assert not dead.exists() and live.exists()
