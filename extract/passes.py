@@ -224,10 +224,10 @@ def run_image_pass(
     log: Callable[[str], None],
 ) -> ExtractResult:
     """Write the file ``plan`` names for the prepared dataset ``dataset_dir``, in every
-    process of a torchrun job (or the only one): nothing when it exists and was made with
-    the same settings (``options.force`` redoes it), else the pass ``plan``'s target
-    builds, resumed from an interrupted run with the same settings. ``log`` receives the
-    messages (rank 0 only)."""
+    process of a torchrun job (or the only one). An existing file is kept (refused when made
+    from another dataset or with other settings) unless ``options.force``; otherwise the
+    target builds its pass (loads the model) and the pass runs, resuming an interrupted run
+    with the same settings. ``log`` receives the messages (rank 0 only)."""
     procs = Processes.start(device)
     say = log if procs.rank == 0 else (lambda _: None)
     try:
@@ -301,7 +301,7 @@ def run_pass(
     run, naming the row, unless ``options.skip_bad``."""
     name = RowNames(prepared)
     counts = {src: len(prepared.images[src]) for src in SOURCES}
-    chunks, pending = _plan(job, procs, counts, options, say)
+    chunks, pending = _chunks_to_compute(job, procs, counts, options, say)
     mine = pending[procs.rank :: procs.world]
     timing = procs.together(functools.partial(_compute, job, mine, name, options, procs.rank == 0))
     say(f"{job.done} {timing.summary()}" + (" on rank 0" if procs.world > 1 else ""))
@@ -320,7 +320,7 @@ def run_pass(
     )
 
 
-def _plan(
+def _chunks_to_compute(
     job: ChunkedPass,
     procs: Processes,
     counts: dict[str, int],
