@@ -361,7 +361,8 @@ def read_clicks(path: Path, file: InstancesFile) -> list[Click]:
     """A crowdsourced click file: a JSON list of objects with ``im_id`` (a COCO image id),
     ``cat_id`` (a COCO category id), and ``x``, ``y`` (the click as fractions of the
     image's width and height); other keys are ignored. Refused: a malformed entry, an
-    unknown category, an image the instances file ``file`` (val2014) does not list."""
+    unknown category, an image the instances file ``file`` (val2014) does not list, a
+    coordinate outside [0, 1] (pixels where fractions are expected)."""
     data = read_json(path)
     if not isinstance(data, list):
         raise SplError(
@@ -380,6 +381,14 @@ def read_clicks(path: Path, file: InstancesFile) -> list[Click]:
             raise SplError(
                 f"{path}: entry[{index}] clicks on image id {image_id}, which {file.path} "
                 "does not list (the click files are on COCO val2014)"
+            )
+        if not (0 <= x <= 1 and 0 <= y <= 1):
+            width, height = file.sizes[image_id]
+            pixels = " (pixels?)" if x > 1 or y > 1 else ""
+            raise SplError(
+                f"{path}: entry[{index}] (image id {image_id}, {width:g} x {height:g}) clicks at "
+                f"x {x}, y {y}{pixels}; a click's x and y are fractions of the image's width "
+                "and height, in [0, 1]: divide pixel coordinates by the width and the height"
             )
         clicks.append(Click(image_id, column[cat_id], x, y))
     return clicks

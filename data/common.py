@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -32,18 +36,77 @@ def _unwrap_worker_text(cls: type, text: str) -> str:
     return text[at + len(marker) :].rstrip("\n") if at >= 0 else text
 
 
+# A write in progress is ``.<name>.tmp-<host>-<pid>`` beside its final file: the writer's
+# host and process id tell a live writer's file from a killed one's leftover.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<host>.*)-)?(?P<pid>[0-9]+)$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def temporary_path(final: Path | str) -> Path:
+    """This process's temporary name for ``final``: ``.<name>.tmp-<host>-<pid>`` beside it."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (a zombie counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file
+    return True
+
+
+def remove_stale_temporaries(folder: Path | str, name: str | None = None) -> list[Path]:
+    """Remove the temporaries of writes that were killed: files ``.<name>.tmp-<host>-<pid>``
+    in ``folder`` (of the final file ``name`` only, or of any) written on this machine by a
+    process that no longer runs. A live writer's file, or one from another machine (whose
+    processes this one cannot see), is kept. Returns the removed paths."""
+    folder = Path(folder)
+    pattern = f".{glob.escape(name)}.tmp-*" if name is not None else ".*.tmp-*"
+    removed = []
+    host, me = _host(), os.getpid()
+    for path in folder.glob(pattern):
+        match = _TEMPORARY.match(path.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        pid = int(match["pid"])
+        # no host: an older spl's name (``.<name>.tmp-<pid>``), written on this machine
+        if match["host"] not in (None, host) or pid == me or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another run removed it first
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str, *, force: bool = False, what: str = "file") -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only on success.
 
-    A crash or exception leaves ``final`` untouched (and removes the temporary), so a reader
-    never sees a half-written file. An existing ``final`` is refused unless ``force``.
+    An exception leaves ``final`` untouched (and removes the temporary), so a reader never
+    sees a half-written file. A killed process cannot remove its temporary: every write
+    first removes the leftovers of killed writes of the same file
+    (:func:`remove_stale_temporaries`). An existing ``final`` is refused unless ``force``.
     """
     final = Path(final)
     if final.exists() and not force:
         raise SplError(f"{final} already exists; pass --force to replace this {what}")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(final.parent, final.name)
+    tmp = temporary_path(final)
     if tmp.exists():
         tmp.unlink()
     try:

@@ -3,11 +3,11 @@ prompts, written to ``ROOT/NAME/scores/<tag>.h5`` (:mod:`spl.extract.scores`).
 
 For each image: the cosine similarity of the image tower's embedding with each prompt's
 text embedding ("a photo of a {class}."), for the whole image and for each tile of a g x g
-grid of non-overlapping tiles (:func:`spl.extract.run.tile_boxes`, as AEVLP cuts them). A
+grid of non-overlapping tiles (:func:`spl.extract.images.tile_boxes`, as AEVLP cuts them). A
 worker decodes each image once and resizes the whole image and every tile to ``s x s``
 (``transforms.Resize((s, s))``, bilinear, as the releases do); the image tower sees them
 in one batch. The prompts' text features are computed once per run, in float32. The pass
-is the feature extractor's (:func:`spl.extract.run.run_pass`): chunked, resumable,
+is the feature extractor's (:func:`spl.extract.passes.run_image_pass`): chunked, resumable,
 atomic, sharded under torchrun, bf16 autocast on CUDA for the image tower.
 
 What this does not do: the releases recompute their labels every batch from flipped,
@@ -30,19 +30,19 @@ from torch import nn
 
 from spl.data.common import SplError
 from spl.data.images import IMAGENET_MEAN, IMAGENET_STD
-from spl.data.prepared import load_prepared
+from spl.data.prepared import PreparedDataset
 from spl.data.runtime import Processes
-from spl.extract.run import (
-    Batch,
+from spl.extract.backbones import BackboneSpec
+from spl.extract.images import Batch, ImageFiles, image_paths
+from spl.extract.passes import (
     ChunkedPass,
     ExtractResult,
-    FeatureStep,
-    ImageFiles,
+    PassOptions,
+    Target,
     check_run_options,
-    check_same_dataset,
-    image_paths,
-    run_pass,
+    run_image_pass,
 )
+from spl.extract.run import FeatureStep
 
 DEFAULT_SCORER = "openclip:ViT-B-16"  # AEVLP's; VLPL's is openclip:ViT-L-14-336
 DEFAULT_PROMPT = "a photo of a {}."
@@ -206,9 +206,55 @@ def score_images(
     same settings (``force`` redoes it). Under torchrun every rank scores its share.
     """
     from spl.extract.backbones import resolve_weights
-    from spl.extract.features import read_attrs
-    from spl.extract.libraries import OPENCLIP, import_library, openclip_model, split_name
-    from spl.extract.scores import scores_path, write_scores
+    from spl.extract.libraries import OPENCLIP, import_library
+    from spl.extract.scores import scores_path
+
+    arch = _check_scorer(scorer, normalize, grid)
+
+    def plan(prepared: PreparedDataset, procs: Processes) -> Target:
+        names = _class_names(class_names, prepared)
+        prompts = prompts_for(prompt, names)
+        entry, chosen, path, digest = resolve_weights(
+            scorer, weights, weights_path, True, expected_sha256
+        )
+        open_clip = import_library(OPENCLIP)
+        size = _model_image_size(open_clip, arch) if image_size is None else image_size
+        check_run_options(size, chunk_size)
+        name = tag or scores_tag(entry.name, chosen, size, grid, normalize)
+        planned = {
+            "scorer": entry.name,
+            "weights": chosen,
+            "prompt": prompt,
+            "class_names": names,
+            "grid": int(grid),
+            "image_size": int(size),
+            "normalize": normalize,
+        }
+        final = scores_path(prepared.path.parent, name)
+
+        def build() -> ChunkedPass:
+            from spl.extract.libraries import openclip_model
+
+            model, spec = openclip_model(arch, chosen, path, digest, size)
+            if normalize == "imagenet":
+                spec = dataclasses.replace(spec, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            text = text_features(
+                model.to(procs.device).eval(), _tokens(open_clip, arch, prompts), procs.device
+            )
+            step = ScoreStep(model.visual, text, spec, size, procs.device, amp=amp)
+            attrs = _attrs(prepared, planned, name, spec, prompts, text, step.compute)
+            return _score_pass(prepared, final, attrs, step, text, force=force)
+
+        same = {k: planned[k] for k in _SAME_FILE_KEYS}
+        return Target(final, name, build, same=same, redo="--force scores again")
+
+    options = PassOptions(batch_size, workers, chunk_size, skip_bad, force, progress, chunk_pause)
+    return run_image_pass(dataset_dir, plan, device=device, options=options, log=log)
+
+
+def _check_scorer(scorer: str, normalize: str, grid: int) -> str:
+    """Refuse bad scorer settings before any work; the open_clip architecture of ``scorer``."""
+    from spl.extract.libraries import OPENCLIP, split_name
 
     prefixed = split_name(scorer)
     if prefixed is None or prefixed[0] != OPENCLIP:
@@ -220,119 +266,106 @@ def score_images(
         raise SplError(f"--normalize {normalize}: use one of {', '.join(NORMALIZATIONS)}")
     if grid < 0:
         raise SplError(f"--grid {grid} must be 0 (no tiles) or more")
-    arch = prefixed[1]
-    procs = Processes.start(device)
-    say = log if procs.rank == 0 else (lambda _: None)
+    return prefixed[1]
+
+
+def _class_names(
+    class_names: Path | str | Sequence[str] | None, prepared: PreparedDataset
+) -> list[str]:
+    """The names the prompts use: the dataset's, a file's (one a line) or a list."""
+    if class_names is None:
+        return list(prepared.classes)
+    if isinstance(class_names, str | Path):
+        return read_class_names(Path(class_names), prepared.classes)
+    return list(class_names)
+
+
+def _model_image_size(open_clip, arch: str) -> int:
+    """The input size of an open_clip architecture's image tower."""
+    size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _tokens(open_clip, arch: str, prompts: list[str]) -> torch.Tensor:
     try:
-        prepared = load_prepared(dataset_dir)
-        if class_names is None:
-            names = list(prepared.classes)
-        elif isinstance(class_names, str | Path):
-            names = read_class_names(Path(class_names), prepared.classes)
-        else:
-            names = list(class_names)
-        prompts = prompts_for(prompt, names)
-        entry, chosen, path, digest = resolve_weights(
-            scorer, weights, weights_path, True, expected_sha256
-        )
-        open_clip = import_library(OPENCLIP)
-        if image_size is None:
-            size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
-            image_size = int(size if isinstance(size, int) else size[0])
-        check_run_options(image_size, chunk_size)
-        tag = tag or scores_tag(entry.name, chosen, image_size, grid, normalize)
-        final = scores_path(prepared.path.parent, tag)
-        planned = {
-            "scorer": entry.name,
-            "weights": chosen,
-            "prompt": prompt,
-            "class_names": names,
-            "grid": int(grid),
-            "image_size": int(image_size),
-            "normalize": normalize,
-        }
-        if final.exists() and not force:
-            attrs = read_attrs(final)
-            check_same_dataset(final, attrs, prepared)
-            _check_same_settings(final, attrs, planned)
-            say(f"{final} is complete; nothing to do (--force scores again)")
-            return ExtractResult(final, tag, "exists", attrs=attrs)
-        model, spec = openclip_model(arch, chosen, path, digest, image_size)
-        if normalize == "imagenet":
-            spec = dataclasses.replace(spec, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        try:
-            tokens = open_clip.get_tokenizer(arch)(prompts)
-        except Exception as exc:  # e.g. a Hugging Face tokenizer not in the cache offline
-            raise SplError(f"cannot get the tokenizer of open_clip {arch}: {exc}") from exc
-        text = text_features(model.to(procs.device).eval(), tokens, procs.device)
-        step = ScoreStep(model.visual, text, spec, image_size, procs.device, amp=amp)
-        files = ImageFiles(image_paths(prepared), image_size, "pil", grid=grid)
-        transform = {
-            "resize": [image_size, image_size],
-            "interpolation": "bilinear",
-            "crop": None,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "decode": "PIL, once per image (whole image and tiles), in the workers",
-            "tiles": TILES if grid else None,
-        }
-        attrs = {
-            **planned,
-            "tag": tag,
-            "weights_sha256": spec.sha256 or "",
-            "weights_source": spec.source,
-            "classes": list(prepared.classes),
-            "prompts": prompts,
-            "tiles": TILES if grid else "",
-            "transform": transform,
-            "compute": step.compute,
-            "text_feature_dim": int(text.shape[1]),
-            "dataset_name": prepared.name,
-            "dataset_fingerprint": prepared.fingerprint,
-        }
-        text_array = text.cpu().numpy()
+        return open_clip.get_tokenizer(arch)(prompts)
+    except Exception as exc:  # e.g. a Hugging Face tokenizer not in the cache offline
+        raise SplError(f"cannot get the tokenizer of open_clip {arch}: {exc}") from exc
 
-        def write(arrays: dict[str, dict[str, np.ndarray]], bad_rows: dict[str, np.ndarray]):
-            write_scores(
-                final,
-                arrays["scores"],
-                attrs,
-                tiles=arrays.get("tiles"),
-                bad_rows=bad_rows,
-                text_features=text_array,
-                force=force,
-            )
 
-        settings = {k: attrs[k] for k in _RESUME_KEYS}
-        invalid = "the scorer gave NaN or infinite scores"
-        job = ChunkedPass(final, settings, files, step, "float32", invalid, write, done="scored")
-        per_batch = 1024 if step.cuda else 64  # views (image and tiles) per model call
-        result = run_pass(
-            job,
-            procs,
-            prepared,
-            batch_size=batch_size or max(1, per_batch // files.views),
-            workers=workers,
-            chunk_size=chunk_size,
-            skip_bad=skip_bad,
+def _attrs(
+    prepared: PreparedDataset,
+    planned: dict,
+    tag: str,
+    spec: BackboneSpec,
+    prompts: list[str],
+    text: torch.Tensor,
+    compute: str,
+) -> dict:
+    """The scores file's attributes: the planned settings, then what the run found."""
+    size, grid = planned["image_size"], planned["grid"]
+    transform = {
+        "resize": [size, size],
+        "interpolation": "bilinear",
+        "crop": None,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "decode": "PIL, once per image (whole image and tiles), in the workers",
+        "tiles": TILES if grid else None,
+    }
+    return {
+        **planned,
+        "tag": tag,
+        "weights_sha256": spec.sha256 or "",
+        "weights_source": spec.source,
+        "classes": list(prepared.classes),
+        "prompts": prompts,
+        "tiles": TILES if grid else "",
+        "transform": transform,
+        "compute": compute,
+        "text_feature_dim": int(text.shape[1]),
+        "dataset_name": prepared.name,
+        "dataset_fingerprint": prepared.fingerprint,
+    }
+
+
+def _score_pass(
+    prepared: PreparedDataset,
+    final: Path,
+    attrs: dict,
+    step: ScoreStep,
+    text: torch.Tensor,
+    *,
+    force: bool,
+) -> ChunkedPass:
+    """Every image and its tiles, decoded once in the workers, through ``step``, to a
+    scores file (float32) that keeps the prompts' text features too."""
+    from spl.extract.scores import write_scores
+
+    files = ImageFiles(image_paths(prepared), attrs["image_size"], "pil", grid=attrs["grid"])
+    text_array = text.cpu().numpy()
+
+    def write(arrays: dict[str, dict[str, np.ndarray]], bad_rows: dict[str, np.ndarray]):
+        write_scores(
+            final,
+            arrays["scores"],
+            attrs,
+            tiles=arrays.get("tiles"),
+            bad_rows=bad_rows,
+            text_features=text_array,
             force=force,
-            progress=progress,
-            say=say,
-            chunk_pause=chunk_pause,
         )
-        result.attrs = attrs
-        return result
-    finally:
-        procs.close()
 
-
-def _check_same_settings(path: Path, stored: dict, planned: dict) -> None:
-    """A finished scores file under this tag must have been made with these settings."""
-    from spl.extract.features import _attr
-
-    differ = {k: stored.get(k) for k in _SAME_FILE_KEYS if stored.get(k) != _attr(planned[k])}
-    if differ:
-        raise SplError(
-            f"{path} exists but was made with other settings ({differ}); pass --tag NAME to "
-            "write another file, or --force to replace it"
-        )
+    per_batch = 1024 if step.cuda else 64  # views (image and tiles) per model call
+    return ChunkedPass(
+        final,
+        {k: attrs[k] for k in _RESUME_KEYS},
+        files,
+        step,
+        "float32",
+        "the scorer gave NaN or infinite scores",
+        write,
+        batch_size=max(1, per_batch // files.views),
+        attrs=attrs,
+        done="scored",
+    )

@@ -16,7 +16,7 @@ grid) with each class prompt, per source file of the prepared dataset, in its ro
                                   their scores are NaN
 
 Written by ``spl pseudo-labels`` (:mod:`spl.extract.scorer`) or ``spl import-scores``
-(:func:`import_scores`); read by :func:`load_scores`. Turning scores into pseudo-labels
+(:func:`spl.imported.import_scores`); read by :func:`load_scores`. Turning scores into pseudo-labels
 (softmax with a temperature, thresholds, tile rules) is the losses' business, at training.
 """
 
@@ -30,11 +30,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spl.data.common import SplError, atomic_path, sha256_file
-from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
+from spl.data.common import SplError, atomic_path
+from spl.data.prepared import SOURCES, PreparedDataset
 from spl.extract.features import (
     _attr,
-    _split_row,
     check_tag,
     library_versions,
     open_stage_file,
@@ -157,107 +156,3 @@ def load_scores(prepared: PreparedDataset, tag: str, *, check_finite: bool = Tru
     if stored_classes and json.loads(stored_classes) != list(prepared.classes):
         raise SplError(f"{path}: its classes differ from {prepared.path}'s; rebuild it")
     return ScoreSet(path, tag, scores, tiles, bad, text, attrs)
-
-
-# --- spl import-scores -------------------------------------------------------------------
-
-
-def import_scores(
-    dataset_dir: Path | str,
-    *,
-    train: Path,
-    test: Path,
-    train_tiles: Path | None = None,
-    test_tiles: Path | None = None,
-    tag: str = IMPORTED,
-    force: bool = False,
-) -> Path:
-    """Write ``scores/<tag>.h5`` from scores computed elsewhere: ``train`` ``[N1, L]`` for
-    the prepared dataset's ``trainval`` rows (train and val splits), ``test`` ``[N2, L]``,
-    in its row order; optionally their tiles ``[N, g*g, L]``. Shapes are checked against
-    the dataset; NaN or infinite values are refused, naming the file and row."""
-    check_tag(tag)
-    prepared = load_prepared(dataset_dir)
-    if (train_tiles is None) != (test_tiles is None):
-        raise SplError("give tiles for both files (--train-tiles and --test-tiles) or neither")
-    final = scores_path(prepared.path.parent, tag)
-    if final.exists() and not force:
-        raise SplError(f"{final} already exists; pass --force to replace this scores file")
-    files = {"trainval": Path(train), "test": Path(test)}
-    tile_files = {"trainval": Path(train_tiles), "test": Path(test_tiles)} if train_tiles else {}
-    scores, tiles, grids = {}, {}, set()
-    for src in SOURCES:
-        rows, classes = len(prepared.images[src]), prepared.num_classes
-        scores[src] = _load_scores_array(files[src], (rows, classes), prepared, src)
-        if tile_files:
-            array = _load_scores_array(tile_files[src], (rows, None, classes), prepared, src)
-            grid = int(round(np.sqrt(array.shape[1])))
-            if grid < 1 or grid * grid != array.shape[1]:
-                raise SplError(
-                    f"{tile_files[src]}: {array.shape[1]} tiles per image is not a square "
-                    "grid (g*g tiles, row by row)"
-                )
-            tiles[src], grids = array, grids | {grid}
-    if len(grids) > 1:
-        raise SplError(f"{tile_files['trainval']} and {tile_files['test']} differ in tiles")
-    sources = {
-        src: {"file": str(path), "sha256": sha256_file(path)}
-        for src, path in [*files.items(), *((f"tiles/{s}", p) for s, p in tile_files.items())]
-    }
-    attrs = {
-        "tag": tag,
-        "scorer": IMPORTED,
-        "weights": "",
-        "weights_sha256": "",
-        "weights_source": "",
-        "prompt": "",
-        "classes": list(prepared.classes),
-        "class_names": list(prepared.classes),
-        "grid": grids.pop() if grids else 0,
-        "image_size": 0,
-        "normalize": "",
-        "imported_from": sources,
-        "dataset_name": prepared.name,
-        "dataset_fingerprint": prepared.fingerprint,
-    }
-    return write_scores(final, scores, attrs, tiles=tiles or None, force=force)
-
-
-def _load_scores_array(
-    path: Path, shape: tuple, prepared: PreparedDataset, source: str
-) -> np.ndarray:
-    """A .npy of scores with the expected ``shape`` (None: any size), finite, as float32."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SplError(f"{path}: cannot read it as a .npy array ({exc})") from exc
-    what = "[rows, classes]" if len(shape) == 2 else "[rows, tiles, classes]"
-    names = {"trainval": "the trainval file (train and val splits)", "test": "the test file"}
-    if array.ndim != len(shape):
-        raise SplError(f"{path}: scores must be a {len(shape)}-d {what} array, got {array.shape}")
-    if array.shape[0] != shape[0]:
-        raise SplError(
-            f"{path} holds {array.shape[0]} rows; {prepared.path} has {shape[0]} in "
-            f"{names[source]}, in whose row order the scores go"
-        )
-    if array.shape[-1] != shape[-1]:
-        raise SplError(
-            f"{path} holds scores for {array.shape[-1]} classes; {prepared.path} has "
-            f"{shape[-1]} ({', '.join(prepared.classes[:5])}{', ...' if shape[-1] > 5 else ''})"
-        )
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise SplError(f"{path}: scores must be numbers, got {array.dtype}")
-    finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-    if not finite.all():
-        rows = np.nonzero(~finite)[0]
-        listed = ", ".join(_file_row(prepared, source, r) for r in rows[:3])
-        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
-        raise SplError(f"{path}: NaN or infinite scores in {listed}{more}")
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def _file_row(prepared: PreparedDataset, source: str, row: int) -> str:
-    """'row 17 (val split row 3)': the row of the user's file, and the split it falls in."""
-    if source == "test":
-        return f"row {row}"
-    return f"row {row} ({_split_row(prepared, source, row).split(' (')[0]})"

@@ -41,7 +41,7 @@ def pseudo_labels(ctx: click.Context, dataset: Path, **options) -> None:
 def import_scores_command(ctx: click.Context, dataset: Path, **options) -> None:
     """Write DATASET/scores/<tag>.h5 from scores computed elsewhere (NumPy arrays in the
     prepared dataset's row order), in the format `spl pseudo-labels` writes."""
-    from spl.extract.scores import import_scores
+    from spl.imported import import_scores
 
     settings = settings_from_cli(ctx, ImportScoresSettings, options)
     path = import_scores(dataset, **dataclasses.asdict(settings))

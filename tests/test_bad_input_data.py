@@ -287,3 +287,111 @@ def test_missing_image_in_a_dataloader_worker_names_the_path(demo_small, tmp_pat
     message = str(raised.value)
     assert "\n" not in message and "Traceback" not in message, message
     assert message == f"test split, test row 0: image not found: {dataset.path(0)}"
+
+
+# ------------------------------------------------------- users' arrays: import-*
+
+
+def _user_files(folder, n_train=160, n_test=80, dim=4, classes=10):
+    """Good inputs of both import commands: features, 0/1 labels and scores per file."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, rows in (("train", n_train), ("test", n_test)):
+        for kind, array in (
+            ("features", rng.normal(size=(rows, dim)).astype(np.float32)),
+            ("labels", (rng.random((rows, classes)) < 0.3).astype(np.uint8)),
+            ("scores", rng.normal(size=(rows, classes)).astype(np.float32)),
+        ):
+            files[f"{name}-{kind}"] = folder / f"{name}-{kind}.npy"
+            np.save(files[f"{name}-{kind}"], array)
+    return files
+
+
+def _bad_array_file(path, kind):
+    """A file a user might pass for a .npy array, and is not one."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "npz":
+        with open(path, "wb") as handle:  # np.savez would add .npz to a str name
+            np.savez(handle, scores=np.zeros((160, 10)))
+    elif kind == "csv":
+        np.savetxt(path, np.zeros((160, 10)), delimiter=",")
+    elif kind == "objects":
+        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif kind == "strings":
+        np.save(path, np.full((160, 10), "0.5"))
+    elif kind == "truncated":
+        np.save(path, np.zeros((160, 10), np.float32))
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "1-d":
+        np.save(path, np.zeros(160, np.float32))
+    return path
+
+
+BAD_ARRAYS = {
+    "empty": "is empty (0 bytes)",
+    "npz": "is a .npz archive (arrays scores; save the one you mean with numpy.save)",
+    "csv": "is not a .npy file (it starts with b'0.0000",
+    "objects": "holds Python objects (an object array), not numbers",
+    "strings": "holds <U3 values, not numbers",
+    "truncated": "is a damaged",
+    "1-d": "holds an array of shape [160]",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ARRAYS)
+def test_import_scores_refuses_a_file_that_is_not_a_npy_array_naming_it(
+    demo_small, tmp_path, runner, kind
+):
+    import shutil
+
+    dataset = tmp_path / "demo"
+    shutil.copytree(demo_small, dataset, ignore=shutil.ignore_patterns("features", "scores"))
+    files = _user_files(tmp_path)
+    bad = _bad_array_file(tmp_path / "bad-train.npy", kind)
+    output = _fail(runner, "import-scores", dataset, "--train", bad, "--test", files["test-scores"])
+    output = output.replace("\n", " ")
+    assert f"{bad} {BAD_ARRAYS[kind]}" in output
+    assert (
+        "expected the trainval scores: a .npy file (numpy.save) holding a float array of "
+        "shape [160, 10] (the rows of the trainval file, classes)"
+    ) in output
+    tiles = _bad_array_file(tmp_path / "bad-tiles.npy", kind)
+    args = ["--train-tiles", tiles, "--test-tiles", tiles]
+    output = _fail(runner, "import-scores", dataset, "--train", files["train-scores"],
+                   "--test", files["test-scores"], *args).replace("\n", " ")  # fmt: skip
+    assert f"{tiles} " in output and "shape [160, g*g, 10] (the rows of the trainval" in output
+    assert not (dataset / "scores").exists()
+
+
+@pytest.mark.parametrize("option", ["--train-features", "--test-labels"])
+@pytest.mark.parametrize("kind", BAD_ARRAYS)
+def test_import_features_refuses_a_file_that_is_not_a_npy_array_naming_it(
+    tmp_path, runner, kind, option
+):
+    files = _user_files(tmp_path)
+    given = {f"--{n}": files[n] for n in ("train-features", "train-labels")}
+    given |= {f"--{n}": files[n] for n in ("test-features", "test-labels")}
+    given[option] = _bad_array_file(tmp_path / "bad.npy", kind)
+    args = [a for pair in given.items() for a in pair]
+    output = _fail(runner, "import-features", tmp_path / "mine", *args).replace("\n", " ")
+    assert f"{given[option]} {BAD_ARRAYS[kind].replace('[160]', '')}" in output
+    if option == "--train-features":
+        expected = "the training features: a .npy file (numpy.save) holding a float array of "
+        assert expected + "shape [N, D]" in output
+    else:
+        expected = "the test labels: a .npy file (numpy.save) holding a 0/1 array of shape"
+        assert expected + " [N, L]" in output
+    assert not (tmp_path / "mine").exists()
+
+
+def test_import_commands_name_a_missing_or_undecodable_file_in_the_api(demo_small, tmp_path):
+    from spl.imported import import_arrays, import_scores
+
+    files = _user_files(tmp_path)
+    with pytest.raises(SplError, match=r"gone\.npy not found; expected the test scores"):
+        import_scores(demo_small, train=files["train-scores"], test=tmp_path / "gone.npy")
+    (tmp_path / "classes.txt").write_bytes(b"caf\xe9\n")
+    given = {k.replace("-", "_"): v for k, v in files.items() if "scores" not in k}
+    with pytest.raises(SplError, match=r"cannot read class names from .*classes\.txt"):
+        import_arrays(tmp_path / "mine", classes_file=tmp_path / "classes.txt", **given)

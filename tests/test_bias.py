@@ -354,3 +354,26 @@ def test_a_relative_source_is_found_from_another_directory(tmp_path, runner, mon
     monkeypatch.chdir(tmp_path / "elsewhere")
     invoke(runner, ["data", "observe", tmp_path / "root" / "coco14", "--bias", "location"])
     assert "location-p1-s1200" in load_prepared(tmp_path / "root" / "coco14").observed
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "hint"), [(6, 6, " (pixels?)"), (0.5, 1.2, " (pixels?)"), (-0.1, 0.5, "")]
+)
+def test_clicks_outside_the_unit_square_are_refused_naming_the_entry(
+    coco, runner, tmp_path, x, y, hint
+):
+    """Click coordinates are fractions of the image's width and height; pixels (x = y = 6)
+    would be counted as clicks outside every box instead of being refused."""
+    dataset, _ = coco
+    clicks = {name: list(rows) for name, rows in COCO_CLICKS.items()}
+    spotting = "crowdsourcing_instance_spotting_val2014.json"
+    clicks[spotting][2] = (5, 18, x, y)
+    folder = write_clicks(tmp_path / "clicks", clicks)
+    labels = dataset / "labels.h5"
+    before = labels.read_bytes()
+    output = _fail(runner, dataset, "--bias", "semantic", "--clicks", folder).replace("\n", " ")
+    assert (
+        f"{spotting}: entry[2] (image id 5, 200 x 100) clicks at x {x}, y {y}{hint}; a click's "
+        "x and y are fractions of the image's width and height, in [0, 1]"
+    ) in output
+    assert labels.read_bytes() == before

@@ -18,7 +18,8 @@ from spl.data.images import build_transform, load_rgb
 from spl.data.prepared import load_prepared
 from spl.extract.backbones import LITE0, get_backbone
 from spl.extract.features import load_features
-from spl.extract.run import FeatureStep, ImageFiles, collate
+from spl.extract.images import ImageFiles, collate
+from spl.extract.run import FeatureStep
 
 from conftest import REPO, invoke
 

@@ -21,7 +21,7 @@ from spl.data.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from spl.data.prepared import load_prepared
 from spl.extract import features as feature_file
 from spl.extract import scores as scores_file
-from spl.extract.run import ImageFiles, tile_boxes
+from spl.extract.images import ImageFiles, tile_boxes
 from spl.extract.scores import load_scores
 
 from conftest import REPO, invoke
@@ -199,10 +199,10 @@ def test_one_decode_per_image_for_the_image_and_its_tiles(demo, monkeypatch):
     """A worker item is the whole image then its tiles, row by row, from one decode."""
     from PIL import Image
 
-    import spl.extract.run as run
+    import spl.extract.images as images
 
     decodes = []
-    monkeypatch.setattr(run, "load_rgb", lambda path: decodes.append(path) or load_rgb(path))
+    monkeypatch.setattr(images, "load_rgb", lambda path: decodes.append(path) or load_rgb(path))
     prepared = load_prepared(demo)
     path = prepared.image_root / prepared.images["test"][9]
     files = ImageFiles([path], 32, grid=3)

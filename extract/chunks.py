@@ -1,0 +1,192 @@
+"""The partial folder of a chunked pass: the plan of chunks, the settings manifest, one file
+per finished chunk, and the assembly of the chunks in row order.
+
+Rows are cut into chunks of ``chunk_size`` rows per source file. A finished chunk is one
+``.npz`` in ``<folder>/.<tag>.partial/`` (temporary name, then rename: a killed run leaves
+only whole chunks), beside ``manifest.json``, the settings of the run; a rerun with the same
+settings computes only the missing chunks, one with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spl.data.common import SplError, atomic_path, remove_stale_temporaries, write_json_atomic
+from spl.data.prepared import SOURCES, PreparedDataset
+
+DEFAULT_CHUNK_SIZE = 512  # a multiple of the default batch sizes; VOC gives 8 GPUs 3 chunks each
+PARTIAL_FORMAT = "spl.features.partial"
+MANIFEST = "manifest.json"
+_CHUNK_KEYS = ("bad", "errors")  # what a chunk file holds besides the arrays
+
+Arrays = dict[str, np.ndarray]
+# What the assembly hands the writer: every stored array by name, then by source file.
+Assembled = dict[str, dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    source: str
+    number: int
+    start: int
+    stop: int
+    offset: int  # index of row `start` in the flat list of all images
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}-{self.number:06d}"
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_chunks(counts: dict[str, int], chunk_size: int) -> list[Chunk]:
+    """The chunks of every source file, in row order (trainval, then test)."""
+    chunks, offset = [], 0
+    for source in SOURCES:
+        for number, start in enumerate(range(0, counts[source], chunk_size)):
+            stop = min(start + chunk_size, counts[source])
+            chunks.append(Chunk(source, number, start, stop, offset + start))
+        offset += counts[source]
+    return chunks
+
+
+class RowNames:
+    """Names an image by its index in :func:`spl.extract.images.image_paths`: 'val split
+    row 3 (trainval row 17)'."""
+
+    def __init__(self, prepared: PreparedDataset) -> None:
+        self.prepared = prepared
+        self.trainval = len(prepared.images["trainval"])
+
+    def __call__(self, index: int) -> str:
+        from spl.extract.features import _split_row
+
+        if index < self.trainval:
+            return _split_row(self.prepared, "trainval", index)
+        return _split_row(self.prepared, "test", index - self.trainval)
+
+
+def open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool) -> None:
+    """Create or check the partial folder's manifest (rank 0, before the others look)."""
+    manifest_path = partial / MANIFEST
+    settings = json.loads(json.dumps(settings))  # as the manifest gives them back: tuples as lists
+    if force and partial.exists():
+        shutil.rmtree(partial)
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        differ = [k for k in settings if manifest["settings"].get(k) != settings[k]]
+        if chunk_size is not None and chunk_size != manifest["chunk_size"]:
+            differ.append("chunk_size")
+        if differ:
+            was = {k: manifest["settings"].get(k, manifest.get(k)) for k in differ}
+            raise SplError(
+                f"{partial} holds an unfinished extraction with other settings ({was}); "
+                "rerun with those settings to resume it, or pass --force to start over"
+            )
+        remove_stale_temporaries(partial)  # chunks a killed run was writing
+        return
+    partial.mkdir(parents=True, exist_ok=True)
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    manifest = {"format": PARTIAL_FORMAT, "chunk_size": chunk_size, "settings": settings}
+    write_json_atomic(manifest_path, manifest)
+
+
+def read_chunk_size(partial: Path) -> int:
+    return int(json.loads((partial / MANIFEST).read_text())["chunk_size"])
+
+
+def finished_chunks(partial: Path) -> set[str]:
+    """The names of the chunks already in the partial folder."""
+    return {p.name.removesuffix(".npz") for p in partial.glob("*.npz")}
+
+
+def save_chunk(path: Path, arrays: Arrays, bad: np.ndarray, errors: list[str]) -> None:
+    """Write one finished chunk under a temporary name, then rename: whole or absent."""
+    with atomic_path(path, force=True) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays, bad=bad, errors=np.array(errors, dtype=str))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def check_finite(
+    computed: np.ndarray,
+    stored: np.ndarray,
+    bad: list[int],
+    name: Callable[[int], str],
+    what: str,
+) -> None:
+    """Refuse NaN or infinite rows (rows recorded as bad are NaN on purpose); ``what`` says
+    who gave them, e.g. 'the backbone gave NaN or infinite features'."""
+    finite = np.isfinite(stored.reshape(len(stored), -1)).all(axis=1)
+    finite[bad] = True
+    if finite.all():
+        return
+    rows = np.nonzero(~finite)[0]
+    listed = ", ".join(name(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    if np.isfinite(computed[rows]).all():
+        hint = f"their values overflow {stored.dtype}; use --dtype float32"
+    else:
+        hint = "the weights or these images are broken"
+    raise SplError(f"{what} for {len(rows)} images ({listed}): {hint}")
+
+
+def _read_chunk(path: Path, chunk: Chunk) -> tuple[Arrays, np.ndarray, np.ndarray]:
+    """A chunk file's arrays, bad rows and their errors; a damaged file is removed (the
+    rerun redoes it) and refused."""
+    try:
+        with np.load(path) as npz:
+            blocks = {k: npz[k] for k in npz.files if k not in _CHUNK_KEYS}
+            rows, errors = npz["bad"], npz["errors"]
+        if not blocks:
+            raise ValueError("no arrays")
+        for block in blocks.values():
+            if block.shape[0] != chunk.rows:
+                raise ValueError(f"{block.shape[0]} rows, not {chunk.rows}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        path.unlink()
+        raise SplError(f"{path} is damaged ({exc}); removed it: rerun to redo it") from exc
+    return blocks, rows, errors
+
+
+def assemble(
+    partial: Path,
+    chunks: list[Chunk],
+    counts: dict[str, int],
+    name: Callable[[int], str],
+    write: Callable[[Assembled, dict[str, np.ndarray]], None],
+) -> dict[str, list[tuple[int, str]]]:
+    """Put the chunks in row order, have ``write`` write the file (every array by name and
+    source file, and the bad rows of each source file), drop the partial folder. Returns
+    the bad rows of each source file with their errors."""
+    missing = [c.name for c in chunks if not (partial / f"{c.name}.npz").is_file()]
+    if missing:
+        raise SplError(f"{partial} lacks chunks {missing[:5]}; rerun to compute them")
+    arrays: Assembled = {}
+    bad_rows: dict[str, list[int]] = {src: [] for src in SOURCES}
+    bad: dict[str, list[tuple[int, str]]] = {}
+    for chunk in chunks:
+        blocks, rows, errors = _read_chunk(partial / f"{chunk.name}.npz", chunk)
+        for key, block in blocks.items():
+            per_source = arrays.setdefault(key, {})
+            if chunk.source not in per_source:
+                shape = (counts[chunk.source], *block.shape[1:])
+                per_source[chunk.source] = np.empty(shape, block.dtype)
+            per_source[chunk.source][chunk.start : chunk.stop] = block
+        for row, error in zip(rows.tolist(), errors.tolist(), strict=True):
+            bad_rows[chunk.source].append(chunk.start + row)
+            bad.setdefault(chunk.source, []).append(
+                (chunk.start + row, f"{name(chunk.offset + row)}: {error}")
+            )
+    write(arrays, {src: np.asarray(rows, np.int64) for src, rows in bad_rows.items()})
+    shutil.rmtree(partial)
+    return bad
