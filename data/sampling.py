@@ -126,12 +126,18 @@ def observe_uniform_csr(
     indptr = np.concatenate([[0], np.cumsum(kept[0] + kept[1])]).astype(np.int64)
     columns = np.zeros(int(indptr[-1]), dtype=np.int32)
     values = np.zeros(int(indptr[-1]), dtype=np.int8)
+    # Each row's positive (and verified negative) columns, ascending, as the dense draw
+    # finds them with np.nonzero: split once here rather than masked row by row.
+    is_positive = labels.values == 1
+    positive_columns = labels.indices[is_positive].astype(np.int64)
+    positive_ptr = np.concatenate([[0], np.cumsum(positives_per_row)])
+    negative_columns = labels.indices[labels.values == -1].astype(np.int64)
+    negative_ptr = np.concatenate([[0], np.cumsum(negatives_per_row)]) if partial else None
     not_positive = np.ones(num_classes, dtype=bool)
     for row in range(num_rows):
-        stored, stored_values = labels.row_entries(row)
-        positives = stored[stored_values == 1].astype(np.int64)
+        positives = positive_columns[positive_ptr[row] : positive_ptr[row + 1]].copy()
         if partial:
-            negatives = stored[stored_values == -1].astype(np.int64)
+            negatives = negative_columns[negative_ptr[row] : negative_ptr[row + 1]].copy()
         else:  # the complement, ascending, as np.nonzero gives it for a dense row
             not_positive[positives] = False
             negatives = np.flatnonzero(not_positive)
