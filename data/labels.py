@@ -53,8 +53,9 @@ class CSR:
         rows, columns = np.nonzero(dense)
         counts = np.bincount(rows, minlength=dense.shape[0])
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(indptr, columns.astype(np.int32), dense[rows, columns].astype(np.int8),
-                   dense.shape[1])  # fmt: skip
+        return cls(
+            indptr, columns.astype(np.int32), dense[rows, columns].astype(np.int8), dense.shape[1]
+        )
 
     @classmethod
     def from_entries(
@@ -67,8 +68,9 @@ class CSR:
         order = np.lexsort((columns, rows))
         counts = np.bincount(rows, minlength=shape[0])
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(indptr, columns[order].astype(np.int32), values[order].astype(np.int8),
-                   int(shape[1]))  # fmt: skip
+        return cls(
+            indptr, columns[order].astype(np.int32), values[order].astype(np.int8), int(shape[1])
+        )
 
     def row_entries(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(columns, values) of one row."""
@@ -168,8 +170,10 @@ class SparseRows:
             num_rows, num_columns = (int(n) for n in node.attrs["shape"])
             self.indptr = node["indptr"][()]
         if len(self.indptr) != num_rows + 1:
-            raise SplError(f"{self.path}: {name}/indptr has {len(self.indptr)} entries for "
-                           f"{num_rows} rows; prepare the dataset again")  # fmt: skip
+            raise SplError(
+                f"{self.path}: {name}/indptr has {len(self.indptr)} entries for "
+                f"{num_rows} rows; prepare the dataset again"
+            )
         self.shape = (num_rows, num_columns)
 
     def with_view(self, view: str) -> SparseRows:
@@ -197,8 +201,10 @@ class SparseRows:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return (f"SparseRows({self.path.name}:{self.name}, shape={self.shape}, nnz={self.nnz}, "
-                f"view={self.view!r})")  # fmt: skip
+        return (
+            f"SparseRows({self.path.name}:{self.name}, shape={self.shape}, nnz={self.nnz}, "
+            f"view={self.view!r})"
+        )
 
     def entries(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position in ``rows``, column, stored value) of every entry of ``rows``."""
@@ -228,8 +234,10 @@ class SparseRows:
         run_stops = np.maximum.reduceat(stops, np.flatnonzero(new_run))
         with h5py.File(self.path, "r") as h5:
             node = h5[self.name]
-            parts = [(node["indices"][a:b], node["values"][a:b])
-                     for a, b in zip(run_starts.tolist(), run_stops.tolist(), strict=True)]  # fmt: skip
+            parts = [
+                (node["indices"][a:b], node["values"][a:b])
+                for a, b in zip(run_starts.tolist(), run_stops.tolist(), strict=True)
+            ]
         run_offsets = np.concatenate([[0], np.cumsum(run_stops - run_starts)])[:-1]
         indices = np.concatenate([p[0] for p in parts])
         values = np.concatenate([p[1] for p in parts])
@@ -309,5 +317,8 @@ def count_values(
             pos_row[part] = (block == 1).sum(axis=1)
             neg_row[part] = (block == -1).sum(axis=1)
             pos_class += (block == 1).sum(axis=0)
-    return {"positives_per_row": pos_row, "negatives_per_row": neg_row,
-            "positives_per_class": pos_class}  # fmt: skip
+    return {
+        "positives_per_row": pos_row,
+        "negatives_per_row": neg_row,
+        "positives_per_class": pos_class,
+    }

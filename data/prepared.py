@@ -553,18 +553,16 @@ def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
             matrix = _read_matrix(h5, path, f"{src}/labels")
             if partial:
                 states[src] = matrix
-                labels[src] = (
-                    matrix.with_view("positive")
-                    if isinstance(matrix, SparseRows)
-                    else (matrix == 1).astype(np.uint8)
-                )
+            if isinstance(matrix, SparseRows):
+                labels[src] = matrix.with_view("positive")
             else:
-                labels[src] = matrix
+                labels[src] = (matrix == 1).astype(np.uint8) if partial else matrix
         split = {"train": h5["split/train"][()], "val": h5["split/val"][()]}
         observed, params = {}, {}
         for name, group in h5.get("observed", {}).items():
-            observed[name] = {src: _read_matrix(h5, path, f"observed/{name}/{src}")
-                              for src in SOURCES}  # fmt: skip
+            observed[name] = {
+                src: _read_matrix(h5, path, f"observed/{name}/{src}") for src in SOURCES
+            }
             params[name] = {"bias": "uniform", **{k: _param(v) for k, v in group.attrs.items()}}
     return PreparedDataset(
         path=path,

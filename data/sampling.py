@@ -121,8 +121,10 @@ def observe_uniform_csr(
         negatives_per_row = labels.count_per_row(-1)
     else:
         negatives_per_row = num_classes - positives_per_row
-    kept = [np.minimum(count, k) if k is not None else count
-            for count, k in zip((positives_per_row, negatives_per_row), keep, strict=True)]  # fmt: skip
+    kept = [
+        np.minimum(count, k) if k is not None else count
+        for count, k in zip((positives_per_row, negatives_per_row), keep, strict=True)
+    ]
     indptr = np.concatenate([[0], np.cumsum(kept[0] + kept[1])]).astype(np.int64)
     columns = np.zeros(int(indptr[-1]), dtype=np.int32)
     values = np.zeros(int(indptr[-1]), dtype=np.int8)

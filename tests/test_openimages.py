@@ -389,3 +389,25 @@ def test_custom_csv_with_a_negatives_column(tmp_path, runner):
                              tmp_path / "c.csv", "--root", tmp_path / "r3", "--classes",
                              tmp_path / "classes.txt"], ok=False)  # fmt: skip
     assert "c.csv, line 3: class 'bird' is not in" in result.output
+
+
+def test_a_fully_labelled_dataset_stored_sparse_reads_as_dense(tmp_path):
+    make_voc(tmp_path / "voc")
+    raw = read_voc12(tmp_path / "voc")
+    dense = write_prepared(raw, tmp_path / "dense" / "labels.h5", storage="dense")
+    sparse = write_prepared(raw, tmp_path / "sparse" / "labels.h5", storage="sparse")
+    assert sparse.sparse and not sparse.partial and sparse.attrs["format_version"] == 2
+    for src in ("trainval", "test"):
+        rows = np.arange(len(dense.images[src]))[::-1]
+        block = sparse.labels[src][rows]
+        assert block.dtype == np.uint8
+        np.testing.assert_array_equal(block, dense.labels[src][rows])
+        assert sparse.known(src, rows) is None
+        np.testing.assert_array_equal(sparse.label_states(src, rows),
+                                      dense.label_states(src, rows))  # fmt: skip
+        for name in dense.observed:
+            np.testing.assert_array_equal(sparse.observed_set(name)[src][rows],
+                                          dense.observed_set(name)[src][rows])  # fmt: skip
+    expected, got = dense.summary(), sparse.summary()
+    assert got.pop("label_layout") == "sparse" and expected.pop("label_layout") == "dense"
+    assert got == expected
