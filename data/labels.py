@@ -27,6 +27,7 @@ SPARSE_THRESHOLD_BYTES = 256 * 2**20
 BLOCK_ROWS = 1 << 16
 # Entries between two requested rows read anyway (one read instead of two).
 _READ_GAP = 1 << 12
+_CHUNK = 1 << 12
 VIEWS = ("values", "positive", "known")
 
 
@@ -140,9 +141,9 @@ def write_csr(group: h5py.Group, name: str, matrix: CSR) -> None:
     node.attrs["shape"] = np.array(matrix.shape, dtype=np.int64)
     node.create_dataset("indptr", data=matrix.indptr.astype(np.int64))
     for key, array in (("indices", matrix.indices), ("values", matrix.values)):
-        # Chunks of 64 Ki entries: a block read decompresses little beyond its rows.
+        # Chunks of 4 Ki entries: a random row decompresses 16 KiB of columns, not the file.
         options = (
-            {"compression": "gzip", "chunks": (min(len(array), 1 << 16),)} if len(array) else {}
+            {"compression": "gzip", "chunks": (min(len(array), _CHUNK),)} if len(array) else {}
         )
         node.create_dataset(key, data=array, **options)
 
@@ -175,6 +176,18 @@ class SparseRows:
                 f"{num_rows} rows; prepare the dataset again"
             )
         self.shape = (num_rows, num_columns)
+        self._memory: tuple[np.ndarray, np.ndarray] | None = None  # (indices, values)
+
+    def in_memory(self) -> SparseRows:
+        """The same matrix with its stored entries read once into memory (5 bytes an
+        entry, not N x L): for random batches, which would touch most of the file."""
+        if self._memory is not None:
+            return self
+        other = self.with_view(self.view)
+        with h5py.File(self.path, "r") as h5:
+            node = h5[self.name]
+            other._memory = (node["indices"][()], node["values"][()])
+        return other
 
     def with_view(self, view: str) -> SparseRows:
         """The same stored matrix under another view (no reread of the file)."""
@@ -232,12 +245,13 @@ class SparseRows:
         run = np.cumsum(new_run) - 1
         run_starts = starts[new_run]
         run_stops = np.maximum.reduceat(stops, np.flatnonzero(new_run))
-        with h5py.File(self.path, "r") as h5:
-            node = h5[self.name]
-            parts = [
-                (node["indices"][a:b], node["values"][a:b])
-                for a, b in zip(run_starts.tolist(), run_stops.tolist(), strict=True)
-            ]
+        spans = zip(run_starts.tolist(), run_stops.tolist(), strict=True)
+        if self._memory is not None:
+            parts = [(self._memory[0][a:b], self._memory[1][a:b]) for a, b in spans]
+        else:
+            with h5py.File(self.path, "r") as h5:
+                node = h5[self.name]
+                parts = [(node["indices"][a:b], node["values"][a:b]) for a, b in spans]
         run_offsets = np.concatenate([[0], np.cumsum(run_stops - run_starts)])[:-1]
         indices = np.concatenate([p[0] for p in parts])
         values = np.concatenate([p[1] for p in parts])
@@ -265,9 +279,7 @@ class SparseRows:
 
     def csr(self) -> CSR:
         """Every stored entry in memory (memory in proportion to the entries, not N x L)."""
-        with h5py.File(self.path, "r") as h5:
-            node = h5[self.name]
-            indices, values = node["indices"][()], node["values"][()]
+        indices, values = self.in_memory()._memory
         return CSR(self.indptr.copy(), indices, values, self.shape[1])
 
     def dense(self) -> np.ndarray:

@@ -33,6 +33,7 @@ earlier reader reads; sparse or partially labelled ones as version 2.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from dataclasses import dataclass, field
@@ -164,6 +165,40 @@ class PreparedDataset:
         if self.states is not None:
             return np.asarray(self.states[source][rows], dtype=np.int8)
         return self.labels[source][rows].astype(np.int8) * 2 - 1
+
+    def in_memory(self, observed: list[str] | None = None) -> PreparedDataset:
+        """This dataset with its sparse matrices' entries read into memory (the labels and
+        the ``observed`` sets, default all): random batches then read no file. Memory
+        grows with the stored entries (5 bytes each), not with N x L; a dense file is
+        returned as it is."""
+        if not self.sparse:
+            return self
+        loaded: dict[str, SparseRows] = {}
+
+        def held(matrix: LabelMatrix, load: bool = True) -> LabelMatrix:
+            if not isinstance(matrix, SparseRows):
+                return matrix
+            if matrix.name not in loaded:
+                if not load:
+                    return matrix
+                loaded[matrix.name] = matrix.in_memory()
+            return loaded[matrix.name].with_view(matrix.view)
+
+        names = sorted(self.observed) if observed is None else observed
+        for name in names:
+            self.observed_set(name)  # refuses an unknown name with the usual message
+        labels = {src: held(m) for src, m in self.labels.items()}
+        states = None if self.states is None else {s: held(m) for s, m in self.states.items()}
+        return dataclasses.replace(
+            self,
+            labels=labels,
+            states=states,
+            # a set not asked for stays in the file, unless it is the labels (`verified`)
+            observed={
+                name: {src: held(m, load=name in names) for src, m in sets.items()}
+                for name, sets in self.observed.items()
+            },
+        )
 
     def observed_set(self, observed: str) -> dict[str, LabelMatrix]:
         if observed not in self.observed:
@@ -560,9 +595,12 @@ def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
         split = {"train": h5["split/train"][()], "val": h5["split/val"][()]}
         observed, params = {}, {}
         for name, group in h5.get("observed", {}).items():
-            observed[name] = {
-                src: _read_matrix(h5, path, f"observed/{name}/{src}") for src in SOURCES
-            }
+            observed[name] = {}
+            for src in SOURCES:
+                if partial and group[src] == h5[f"{src}/labels"]:
+                    observed[name][src] = states[src]  # `verified`: a link, read once
+                else:
+                    observed[name][src] = _read_matrix(h5, path, f"observed/{name}/{src}")
             params[name] = {"bias": "uniform", **{k: _param(v) for k, v in group.attrs.items()}}
     return PreparedDataset(
         path=path,

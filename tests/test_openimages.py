@@ -17,6 +17,7 @@ from openimages_fixture import (
 )
 
 from spl.data import labels as label_store
+from spl.data.common import SplError
 from spl.data.openimages import read_openimages
 from spl.data.prepared import load_prepared, write_prepared
 from spl.data.sampling import observe_uniform, split_train_val
@@ -411,3 +412,23 @@ def test_a_fully_labelled_dataset_stored_sparse_reads_as_dense(tmp_path):
     expected, got = dense.summary(), sparse.summary()
     assert got.pop("label_layout") == "sparse" and expected.pop("label_layout") == "dense"
     assert got == expected
+
+
+def test_sparse_matrices_held_in_memory_read_no_file(tree, tmp_path):
+    dense, sparse = _write_both(tree[0], tmp_path)
+    held = sparse.in_memory(observed=["uniform-p1-n0-s1200"])
+    assert dense.in_memory() is dense
+    with pytest.raises(SplError, match="no observed-label set 'nope'"):
+        sparse.in_memory(observed=["nope"])
+    sparse.path.rename(tmp_path / "moved.h5")  # the file is gone: only memory can answer
+    rows = np.random.RandomState(1).randint(0, len(dense.images["trainval"]), 40)
+    np.testing.assert_array_equal(held.labels["trainval"][rows], dense.labels["trainval"][rows])
+    np.testing.assert_array_equal(held.known("trainval", rows), dense.known("trainval", rows))
+    np.testing.assert_array_equal(
+        held.observed_set("uniform-p1-n0-s1200")["trainval"][rows],
+        dense.observed_set("uniform-p1-n0-s1200")["trainval"][rows],
+    )
+    np.testing.assert_array_equal(held.observed_set("verified")["test"][:5],
+                                  dense.observed_set("verified")["test"][:5])  # fmt: skip
+    with pytest.raises((OSError, FileNotFoundError)):
+        held.observed_set("uniform-p1-n1-s1200")["trainval"][rows]  # not asked: still a file
