@@ -170,7 +170,7 @@ def _first_row(path):
 @pytest.mark.parametrize(
     "case",
     ["unknown class", "confidence", "disagreeing repeat", "malformed line", "bad image id",
-     "missing column", "classes file", "descriptions"],
+     "missing column", "classes file", "descriptions", "not utf-8"],
 )  # fmt: skip
 def test_bad_rows_are_refused_naming_file_and_line(copy, tmp_path, runner, case):
     source, _ = copy
@@ -201,6 +201,10 @@ def test_bad_rows_are_refused_naming_file_and_line(copy, tmp_path, runner, case)
         (tmp_path / "classes.txt").write_text(f"{TRAINABLE[0]}\n/m/nothing\n")
         extra = ["--classes", tmp_path / "classes.txt"]
         expected = ["classes.txt, line 2", "'/m/nothing' is not in oidv6-class-descriptions.csv"]
+    elif case == "not utf-8":
+        with open(path, "ab") as handle:
+            handle.write(b"\xff\xfe,verification,/m/0k4j,1\n")
+        expected = [f"{VALIDATION}, near line", "is not UTF-8"]
     else:
         _append(source / "oidv6-class-descriptions.csv", "/m/0onlyone")
         expected = ["oidv6-class-descriptions.csv, line 12", "expected 'LabelName,DisplayName'"]
@@ -432,3 +436,19 @@ def test_sparse_matrices_held_in_memory_read_no_file(tree, tmp_path):
                                   dense.observed_set("verified")["test"][:5])  # fmt: skip
     with pytest.raises((OSError, FileNotFoundError)):
         held.observed_set("uniform-p1-n1-s1200")["trainval"][rows]  # not asked: still a file
+
+
+def test_confidence_written_as_a_decimal_is_read_as_its_value(copy, tmp_path, runner):
+    """'1.0' and '0.0' are the same verdicts as '1' and '0'; anything else is refused
+    (test_bad_rows_are_refused_naming_file_and_line)."""
+    source, spec = copy
+    path = source / VALIDATION
+    lines = open(path).read().splitlines()
+    rewritten = [lines[0]] + [
+        row[:-1] + ("1.0" if row.endswith("1") else "0.0") for row in lines[1:]
+    ]
+    path.write_text("\n".join(rewritten) + "\n")
+    _prepare(runner, source, tmp_path / "root")
+    prepared = load_prepared(tmp_path / "root" / "openimages")
+    _check_cells(prepared, "test", "validation", spec["verified"]["validation"], TRAINABLE,
+                 need_positive=False)  # fmt: skip
