@@ -1,33 +1,50 @@
 """The prepared dataset file ``ROOT/<name>/labels.h5`` (design.md, contract 1).
 
 Layout (``trainval`` is the official training file, split into train/val by row indices;
-``test`` is the official val/test file, always fully labelled)::
+``test`` is the official val/test file)::
 
     attrs: format, format_version, name, image_root, expected_positives, split_seed,
-           val_fraction, fingerprint, dropped_unlabeled, source, spl_version, created
+           val_fraction, fingerprint, dropped_unlabeled, dropped (JSON: per source file,
+           images left out and why), label_layout (dense|sparse), partial_labels,
+           source, spl_version, created
     classes                 [L] str
+    class_ids               [L] str   (OpenImages: the LabelName of each class)
     trainval/images         [N1] str   paths relative to image_root
-    trainval/labels         [N1, L] uint8  full labels
+    trainval/labels         [N1, L] full labels: uint8 0/1, or for a partially labelled
+                            dataset int8 +1 positive / -1 verified negative / 0 unknown
     test/images, test/labels
     split/train, split/val  int64 rows of trainval, sorted
     observed/<set>/trainval [N1, L] int8 in {-1, 0, +1}   attrs bias, num_pos, num_neg, seed
     observed/<set>/test     [N2, L] int8                 (semantic: also clicks_sha256)
 
+With ``label_layout = sparse`` (chosen when a dense matrix would pass
+:data:`spl.data.labels.SPARSE_THRESHOLD_BYTES`, or asked for), every ``[N, L]`` matrix is a
+group of its nonzero entries instead (:mod:`spl.data.labels`: ``indptr``, ``indices``,
+``values``); readers see the same dense blocks of rows either way
+(``prepared.labels[source][rows]``, ``prepared.observed_set(name)[source][rows]``).
+
 Observed sets are ``uniform-p<P>-n<N>-s<seed>`` (the paper's draw) or, drawn from COCO's
 instance annotations by :mod:`spl.data.bias`, ``<bias>-p1-s<seed>`` (size, location,
-semantic). Files written before the ``bias`` attribute existed read as ``uniform``.
+semantic). A partially labelled dataset also has ``verified``: its full labels themselves
+(an HDF5 link to them, no copy). Files written before the ``bias`` attribute existed read
+as ``uniform``. Dense fully labelled files are written as format version 1, which every
+earlier reader reads; sparse or partially labelled ones as version 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from spl.data import labels as label_store
 from spl.data.common import SplError, atomic_path, fingerprint_strings, plain
+from spl.data.labels import CSR, LabelMatrix, SparseRows, count_values, write_csr
 from spl.data.protocol import BIASES, NUM_NEGATIVES, NUM_POSITIVES
 from spl.data.sampling import (
     DEFAULT_SEED,
@@ -35,30 +52,43 @@ from spl.data.sampling import (
     check_fraction,
     check_observed_counts,
     observe_uniform,
+    observe_uniform_csr,
     observed_set_name,
     split_train_val,
 )
 
 FORMAT = "spl.prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SOURCES = ("trainval", "test")
 SPLITS = ("train", "val", "test")
 LABELS_FILE = "labels.h5"
+VERIFIED = "verified"  # the observed set of a partially labelled dataset's verified labels
+STORAGES = ("auto", "dense", "sparse")
 
 
 @dataclass
 class RawDataset:
-    """What a raw-format reader produces: rows in the reference order, full 0/1 labels."""
+    """What a raw-format reader produces: rows in the reference order, full labels.
+
+    ``labels[source]`` is a dense ``[N, L]`` matrix or a :class:`~spl.data.labels.CSR`.
+    Fully labelled: 0/1 (uint8). Partially labelled (``partial``): int8 +1 verified
+    positive, -1 verified negative, 0 unknown. ``dropped`` counts the images a reader left
+    out, per source file and reason.
+    """
 
     name: str
     classes: list[str]
     image_root: Path
     images: dict[str, list[str]]
-    labels: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray | CSR]
     expected_positives: float | None = None
     source: str = ""
+    partial: bool = False
+    class_ids: list[str] | None = None
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        allowed = (-1, 0, 1) if self.partial else (0, 1)
         for src in SOURCES:
             labels = self.labels[src]
             if labels.shape != (len(self.images[src]), len(self.classes)):
@@ -66,28 +96,46 @@ class RawDataset:
                     f"{self.name}: {src} labels have shape {labels.shape}, expected "
                     f"({len(self.images[src])} images, {len(self.classes)} classes)"
                 )
+            values = labels.values if isinstance(labels, CSR) else np.asarray(labels)
+            if not np.isin(values, allowed).all():
+                raise SplError(f"{self.name}: {src} labels hold values outside {allowed}")
 
 
 @dataclass
 class PreparedDataset:
-    """A prepared dataset held in memory (labels are small; images stay on disk)."""
+    """A prepared dataset: names, images and split in memory, label matrices as NumPy
+    arrays (dense files) or :class:`~spl.data.labels.SparseRows` read by blocks of rows
+    (sparse files). Either way ``labels[source][rows]`` is a dense uint8 0/1 block (unknown
+    as 0) and ``observed_set(name)[source][rows]`` a dense int8 {-1, 0, +1} block."""
 
     path: Path
     name: str
     classes: list[str]
     image_root: Path
     images: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
+    labels: dict[str, LabelMatrix]
     split: dict[str, np.ndarray]
-    observed: dict[str, dict[str, np.ndarray]]
+    observed: dict[str, dict[str, LabelMatrix]]
     observed_params: dict[str, dict[str, int | str]]  # per set: bias, num_pos, num_neg, seed
     expected_positives: float
     fingerprint: str
     attrs: dict = field(default_factory=dict)
+    # Partially labelled datasets: per source file, +1 / -1 verified, 0 unknown.
+    states: dict[str, LabelMatrix] | None = None
+    class_ids: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def partial(self) -> bool:
+        """Whether some labels are unknown (neither verified positive nor negative)."""
+        return self.states is not None
+
+    @property
+    def sparse(self) -> bool:
+        return self.attrs.get("label_layout", "dense") == "sparse"
 
     def rows(self, split: str) -> tuple[str, np.ndarray]:
         """(source file, row indices) of a split: train/val index trainval, test is all rows."""
@@ -101,7 +149,58 @@ class PreparedDataset:
         source, rows = self.rows(split)
         return self.labels[source][rows]
 
-    def observed_set(self, observed: str) -> dict[str, np.ndarray]:
+    def known(self, source: str, rows) -> np.ndarray | None:
+        """Which entries of ``rows`` carry a label (bool block): the verified positives and
+        negatives of a partially labelled dataset; None when every entry is known."""
+        if self.states is None:
+            return None
+        matrix = self.states[source]
+        if isinstance(matrix, SparseRows):
+            return matrix.with_view("known")[rows]
+        return matrix[rows] != 0
+
+    def label_states(self, source: str, rows) -> np.ndarray:
+        """The labels of ``rows`` as an int8 block: +1 positive, -1 negative (verified, for
+        a partially labelled dataset), 0 unknown (none in a fully labelled one)."""
+        if self.states is not None:
+            return np.asarray(self.states[source][rows], dtype=np.int8)
+        return self.labels[source][rows].astype(np.int8) * 2 - 1
+
+    def in_memory(self, observed: list[str] | None = None) -> PreparedDataset:
+        """This dataset with its sparse matrices' entries read into memory (the labels and
+        the ``observed`` sets, default all): random batches then read no file. Memory
+        grows with the stored entries (5 bytes each), not with N x L; a dense file is
+        returned as it is."""
+        if not self.sparse:
+            return self
+        loaded: dict[str, SparseRows] = {}
+
+        def held(matrix: LabelMatrix, load: bool = True) -> LabelMatrix:
+            if not isinstance(matrix, SparseRows):
+                return matrix
+            if matrix.name not in loaded:
+                if not load:
+                    return matrix
+                loaded[matrix.name] = matrix.in_memory()
+            return loaded[matrix.name].with_view(matrix.view)
+
+        names = sorted(self.observed) if observed is None else observed
+        for name in names:
+            self.observed_set(name)  # refuses an unknown name with the usual message
+        labels = {src: held(m) for src, m in self.labels.items()}
+        states = None if self.states is None else {s: held(m) for s, m in self.states.items()}
+        return dataclasses.replace(
+            self,
+            labels=labels,
+            states=states,
+            # a set not asked for stays in the file, unless it is the labels (`verified`)
+            observed={
+                name: {src: held(m, load=name in names) for src, m in sets.items()}
+                for name, sets in self.observed.items()
+            },
+        )
+
+    def observed_set(self, observed: str) -> dict[str, LabelMatrix]:
         if observed not in self.observed:
             raise SplError(
                 f"{self.path}: no observed-label set {observed!r}; it has "
@@ -112,43 +211,95 @@ class PreparedDataset:
         return self.observed[observed]
 
     def summary(self) -> dict:
-        """Counts a user checks after preparing: images per split, positives, unlabeled rows."""
+        """Counts a user checks after preparing: images per split; positives, (verified)
+        negatives and unknowns; the same for every observed set; unlabeled rows."""
         out: dict = {
             "name": self.name,
             "classes": self.num_classes,
             "image_root": str(self.image_root),
             "expected_positives": round(float(self.expected_positives), 3),
+            "partial_labels": self.partial,
+            "label_layout": "sparse" if self.sparse else "dense",
             "dropped_unlabeled": int(self.attrs.get("dropped_unlabeled", 0)),
+            "dropped": json.loads(self.attrs.get("dropped", "{}") or "{}"),
             "fingerprint": self.fingerprint,
             "splits": {},
             "observed_sets": sorted(self.observed),
+            "observed": {},
         }
+        full = self.states if self.states is not None else self.labels
         for split in SPLITS:
-            labels = self.split_labels(split)
-            positives = labels.sum(axis=1)
+            source, rows = self.rows(split)
+            counts = count_values(full[source], rows)
+            per_row, per_class = counts["positives_per_row"], counts["positives_per_class"]
+            entries = len(rows) * self.num_classes
+            positives = int(per_row.sum())
+            negatives = (
+                int(counts["negatives_per_row"].sum()) if self.partial else entries - positives
+            )
             out["splits"][split] = {
-                "images": int(labels.shape[0]),
-                "mean_positives": round(float(positives.mean()), 3) if len(labels) else 0.0,
-                "no_positive": int((positives == 0).sum()),
-                "classes_without_positive": int((labels.sum(axis=0) == 0).sum()),
+                "images": len(rows),
+                "mean_positives": round(float(per_row.mean()), 3) if len(rows) else 0.0,
+                "no_positive": int((per_row == 0).sum()),
+                "classes_without_positive": int((per_class == 0).sum()),
+                "positives": positives,
+                "negatives": negatives,
+                "unknown": entries - positives - negatives,
             }
+        for name in sorted(self.observed):
+            out["observed"][name] = {}
+            for split in SPLITS:
+                source, rows = self.rows(split)
+                counts = count_values(self.observed[name][source], rows)
+                positives = int(counts["positives_per_row"].sum())
+                negatives = int(counts["negatives_per_row"].sum())
+                out["observed"][name][split] = {
+                    "positives": positives,
+                    "negatives": negatives,
+                    "unobserved": len(rows) * self.num_classes - positives - negatives,
+                }
         return out
 
 
 def format_summary(summary: dict) -> str:
+    negatives = "verified neg" if summary.get("partial_labels") else "negatives"
+    kind = (
+        "partially labelled: verified positives and negatives, the rest unknown"
+        if summary.get("partial_labels")
+        else "fully labelled"
+    )
     lines = [
         f"dataset {summary['name']}: {summary['classes']} classes, "
         f"expected positives k = {summary['expected_positives']}",
         f"  images under {summary['image_root']}",
-        f"  {'split':<6} {'images':>8} {'mean pos':>9} {'no pos':>7} {'empty classes':>14}",
+        f"  labels: {kind}; stored {summary.get('label_layout', 'dense')}",
+        f"  {'split':<6} {'images':>8} {'mean pos':>9} {'no pos':>7} {'empty classes':>14} "
+        f"{'positives':>11} {negatives:>13} {'unknown':>13}",
     ]
     for split, row in summary["splits"].items():
         lines.append(
             f"  {split:<6} {row['images']:>8} {row['mean_positives']:>9.3f} "
-            f"{row['no_positive']:>7} {row['classes_without_positive']:>14}"
+            f"{row['no_positive']:>7} {row['classes_without_positive']:>14} "
+            f"{row['positives']:>11} {row['negatives']:>13} {row['unknown']:>13}"
         )
     lines.append(f"  images with no positive dropped: {summary['dropped_unlabeled']}")
+    for source, reasons in summary.get("dropped", {}).items():
+        if any(reasons.values()):
+            text = ", ".join(f"{reason}: {count}" for reason, count in reasons.items())
+            lines.append(f"    {source}: {text}")
     lines.append(f"  observed-label sets: {', '.join(summary['observed_sets'])}")
+    width = max([len(name) for name in summary.get("observed", {})] + [12])
+    if summary.get("observed"):
+        lines.append(
+            f"  {'observed set':<{width}} {'split':<6} {'positives':>11} {'negatives':>11} "
+            f"{'unobserved':>13}"
+        )
+    for name, splits in summary.get("observed", {}).items():
+        for split, row in splits.items():
+            lines.append(
+                f"  {name:<{width}} {split:<6} {row['positives']:>11} {row['negatives']:>11} "
+                f"{row['unobserved']:>13}"
+            )
     lines.append(f"  fingerprint: {summary['fingerprint']}")
     return "\n".join(lines)
 
@@ -156,6 +307,17 @@ def format_summary(summary: dict) -> str:
 def image_fingerprint(classes: list[str], images: dict[str, list[str] | np.ndarray]) -> str:
     """Identifies the image list: a feature file made from another list is refused."""
     return fingerprint_strings(classes, list(images["trainval"]), list(images["test"]))
+
+
+def choose_layout(storage: str, shapes: list[tuple[int, int]]) -> str:
+    """``dense`` or ``sparse`` for a file whose label matrices have ``shapes``: ``auto``
+    goes sparse once one dense matrix would pass the threshold (a byte an entry)."""
+    if storage not in STORAGES:
+        raise SplError(f"label storage must be one of {', '.join(STORAGES)}; got {storage!r}")
+    if storage != "auto":
+        return storage
+    largest = max(rows * columns for rows, columns in shapes)
+    return "sparse" if largest > label_store.SPARSE_THRESHOLD_BYTES else "dense"
 
 
 def write_prepared(
@@ -167,9 +329,11 @@ def write_prepared(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     drop_unlabeled: bool = False,
     force: bool = False,
+    storage: str = "auto",
 ) -> PreparedDataset:
     """Split, sample the observed labels and write ``labels.h5`` atomically.
 
+    ``storage`` is ``auto`` (sparse above the size threshold), ``dense`` or ``sparse``.
     Options are checked before anything is written, so a bad one leaves no file behind.
     """
     if observed_sets is None:
@@ -177,15 +341,19 @@ def write_prepared(
     for num_pos, num_neg, _ in observed_sets:
         check_observed_counts(num_pos, num_neg)
     check_fraction(val_fraction, "--val-fraction")
+    layout = choose_layout(storage, [raw.labels[src].shape for src in SOURCES])
     images = {src: list(raw.images[src]) for src in SOURCES}
-    labels = {src: np.asarray(raw.labels[src], dtype=np.uint8) for src in SOURCES}
-    dropped = 0
+    labels = {src: _label_matrix(raw.labels[src], raw.partial, layout) for src in SOURCES}
+    dropped = {src: dict(raw.dropped.get(src, {})) for src in SOURCES}
+    dropped_unlabeled = sum(sum(reasons.values()) for reasons in raw.dropped.values())
     if drop_unlabeled:
         for src in SOURCES:
-            keep = labels[src].sum(axis=1) > 0
-            dropped += int((~keep).sum())
+            keep = _positives_per_row(labels[src]) > 0
+            count = int((~keep).sum())
+            dropped_unlabeled += count
+            dropped[src]["no positive"] = dropped[src].get("no positive", 0) + count
             images[src] = [p for p, k in zip(images[src], keep, strict=True) if k]
-            labels[src] = labels[src][keep]
+            labels[src] = _take_rows(labels[src], np.flatnonzero(keep))
     for src in SOURCES:
         if len(images[src]) == 0:
             raise SplError(f"{raw.name}: the {src} file has no images after reading {raw.source}")
@@ -198,8 +366,9 @@ def write_prepared(
     expected = raw.expected_positives
     if expected is None:
         # No published k: use the training file's mean positive count (a peek at the full
-        # labels that the paper's k values also took); override with --expected-positives.
-        expected = float(labels["trainval"].sum(axis=1).mean())
+        # labels that the paper's k values also took; for a partially labelled dataset the
+        # verified positives, a lower bound); override with --expected-positives.
+        expected = float(_positives_per_row(labels["trainval"]).mean())
     fingerprint = image_fingerprint(raw.classes, images)
     out_path = Path(out_path)
     string = h5py.string_dtype()
@@ -208,7 +377,7 @@ def write_prepared(
             h5.attrs.update(
                 {
                     "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
+                    "format_version": 1 if layout == "dense" and not raw.partial else 2,
                     "name": raw.name,
                     "image_root": _stored_root(Path(raw.image_root), out_path.parent),
                     "source": raw.source,
@@ -216,18 +385,25 @@ def write_prepared(
                     "split_seed": int(split_seed),
                     "val_fraction": float(val_fraction),
                     "fingerprint": fingerprint,
-                    "dropped_unlabeled": dropped,
+                    "dropped_unlabeled": dropped_unlabeled,
+                    "dropped": json.dumps(dropped),
+                    "label_layout": layout,
+                    "partial_labels": bool(raw.partial),
                     "spl_version": _spl_version(),
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 }
             )
             h5.create_dataset("classes", data=np.array(raw.classes, dtype=object), dtype=string)
+            if raw.class_ids is not None:
+                h5.create_dataset(
+                    "class_ids", data=np.array(raw.class_ids, dtype=object), dtype=string
+                )
             for src in SOURCES:
                 group = h5.create_group(src)
                 group.create_dataset(
                     "images", data=np.array(images[src], dtype=object), dtype=string
                 )
-                group.create_dataset("labels", data=labels[src], compression="gzip")
+                _write_matrix(group, "labels", labels[src], layout, raw.partial)
             h5.create_dataset("split/train", data=train_rows)
             h5.create_dataset("split/val", data=val_rows)
             seen = set()
@@ -236,23 +412,72 @@ def write_prepared(
                 if name in seen:
                     continue
                 seen.add(name)
-                arrays, params = _uniform_set(labels, num_pos, num_neg, seed)
-                _write_set(h5, name, arrays, params)
+                arrays, params = _uniform_set(labels, raw.partial, num_pos, num_neg, seed)
+                _write_set(h5, name, arrays, params, layout)
+            if raw.partial:
+                group = h5.create_group(f"observed/{VERIFIED}")
+                group.attrs.update({"bias": VERIFIED, "num_pos": -1, "num_neg": -1})
+                for src in SOURCES:
+                    group[src] = h5[f"{src}/labels"]  # a hard link: the same data, no copy
     return load_prepared(out_path.parent)
 
 
-def _uniform_set(labels: dict, num_pos: int, num_neg: int, seed: int) -> tuple[dict, dict]:
-    arrays = {src: observe_uniform(labels[src], num_pos, num_neg, seed) for src in SOURCES}
+def _label_matrix(labels: np.ndarray | CSR, partial: bool, layout: str) -> np.ndarray | CSR:
+    """A raw label matrix in the form the draws work on: dense for a dense file (int8
+    states if partial, else uint8), as given for a sparse one (written as CSR)."""
+    if layout == "dense":
+        dense = labels.to_dense() if isinstance(labels, CSR) else np.asarray(labels)
+        return dense.astype(np.int8 if partial else np.uint8)
+    return labels
+
+
+def _take_rows(labels: np.ndarray | CSR, rows: np.ndarray) -> np.ndarray | CSR:
+    return labels.take(rows) if isinstance(labels, CSR) else np.asarray(labels)[rows]
+
+
+def _positives_per_row(labels: np.ndarray | CSR) -> np.ndarray:
+    if isinstance(labels, CSR):
+        return labels.count_per_row(1)
+    return (np.asarray(labels) == 1).sum(axis=1)
+
+
+def _write_matrix(
+    group: h5py.Group, name: str, matrix: np.ndarray | CSR, layout: str, partial: bool
+) -> None:
+    """One ``[N, L]`` matrix of the file: a gzip dataset (dense) or a CSR group (sparse)."""
+    if layout == "sparse":
+        write_csr(group, name, matrix if isinstance(matrix, CSR) else CSR.from_dense(matrix))
+        return
+    dense = matrix.to_dense() if isinstance(matrix, CSR) else np.asarray(matrix)
+    dtype = np.int8 if partial else np.uint8
+    group.create_dataset(name, data=dense.astype(dtype), compression="gzip")
+
+
+def _uniform_set(
+    labels: dict[str, np.ndarray | CSR], partial: bool, num_pos: int, num_neg: int, seed: int
+) -> tuple[dict, dict]:
+    """The uniform draw on each source file: negatives come from the verified negatives
+    when ``partial`` (:func:`~spl.data.sampling.observe_uniform`)."""
+    arrays = {}
+    for src in SOURCES:
+        matrix = labels[src]
+        if isinstance(matrix, CSR):
+            arrays[src] = observe_uniform_csr(matrix, num_pos, num_neg, seed, partial=partial)
+        else:
+            known = (matrix != 0) if partial else None
+            arrays[src] = observe_uniform(matrix, num_pos, num_neg, seed, known=known)
     params = {"bias": "uniform", "num_pos": num_pos, "num_neg": num_neg, "seed": seed}
     return arrays, params
 
 
-def _write_set(h5: h5py.File, name: str, arrays: dict[str, np.ndarray], params: dict) -> None:
-    """Write ``observed/<name>``: one int8 array per source file, the parameters as attrs."""
+def _write_set(
+    h5: h5py.File, name: str, arrays: dict[str, np.ndarray | CSR], params: dict, layout: str
+) -> None:
+    """Write ``observed/<name>``: one int8 matrix per source file, the parameters as attrs."""
     group = h5.create_group(f"observed/{name}")
     group.attrs.update(params)
     for src in SOURCES:
-        group.create_dataset(src, data=np.asarray(arrays[src], dtype=np.int8), compression="gzip")
+        _write_matrix(group, src, arrays[src], layout, partial=True)
 
 
 def add_observed_set(
@@ -270,7 +495,8 @@ def add_observed_set(
     return its name.
 
     ``bias="uniform"`` draws as the paper does (:func:`observe_uniform`, ``num_pos``
-    positives and ``num_neg`` negatives per image). ``"size"``, ``"location"`` and
+    positives and ``num_neg`` negatives per image; a partially labelled dataset's
+    negatives among its verified negatives). ``"size"``, ``"location"`` and
     ``"semantic"`` draw one positive per image from COCO's instance annotations
     (:func:`spl.data.bias.observe_biased`), read under ``source`` (default: the folder the
     dataset was prepared from), the semantic weights from the click files under
@@ -301,15 +527,23 @@ def add_observed_set(
     if name in prepared.observed and not force:
         raise SplError(f"{path} already has observed set {name}; pass --force to redo it")
     if bias == "uniform":
-        arrays, params = _uniform_set(prepared.labels, num_pos, num_neg, seed)
+        full = prepared.states if prepared.states is not None else prepared.labels
+        labels = {
+            src: full[src].csr() if isinstance(full[src], SparseRows) else full[src]
+            for src in SOURCES
+        }
+        arrays, params = _uniform_set(labels, prepared.partial, num_pos, num_neg, seed)
     else:
         arrays, params = biased.observe_biased(prepared, bias, seed, source=source, clicks=clicks)
+    layout = "sparse" if prepared.sparse else "dense"
     with atomic_path(path, force=True) as tmp:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a") as h5:
             if f"observed/{name}" in h5:
                 del h5[f"observed/{name}"]
-            _write_set(h5, name, arrays, params)
+            _write_set(h5, name, arrays, params, layout)
+            if h5.attrs.get("format_version", 1) < 2 and layout == "sparse":
+                h5.attrs["format_version"] = 2
     return name
 
 
@@ -321,7 +555,10 @@ def labels_path(dataset_dir: Path | str) -> Path:
 
 
 def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
-    """Read ``ROOT/<name>/labels.h5`` (the directory or the file itself) and check it."""
+    """Read ``ROOT/<name>/labels.h5`` (the directory or the file itself) and check it.
+
+    Dense matrices are read whole; sparse ones stay in the file, read by blocks of rows.
+    """
     path = labels_path(dataset_dir)
     if not path.is_file():
         raise SplError(
@@ -337,15 +574,33 @@ def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
             raise SplError(f"{path} is not an spl prepared dataset (format attribute missing)")
         version = int(h5.attrs["format_version"])
         if version > FORMAT_VERSION:
-            raise SplError(f"{path} has format version {version}; this spl reads {FORMAT_VERSION}")
+            raise SplError(
+                f"{path} has format version {version}; this spl reads versions up to "
+                f"{FORMAT_VERSION}: upgrade spl, or prepare the dataset again with this one"
+            )
         attrs = {k: plain(v) for k, v in h5.attrs.items()}
+        partial = bool(attrs.get("partial_labels", False))
         classes = [_text(c) for c in h5["classes"][()]]
+        class_ids = [_text(c) for c in h5["class_ids"][()]] if "class_ids" in h5 else None
         images = {src: np.array([_text(p) for p in h5[f"{src}/images"][()]]) for src in SOURCES}
-        labels = {src: h5[f"{src}/labels"][()] for src in SOURCES}
+        labels, states = {}, {}
+        for src in SOURCES:
+            matrix = _read_matrix(h5, path, f"{src}/labels")
+            if partial:
+                states[src] = matrix
+            if isinstance(matrix, SparseRows):
+                labels[src] = matrix.with_view("positive")
+            else:
+                labels[src] = (matrix == 1).astype(np.uint8) if partial else matrix
         split = {"train": h5["split/train"][()], "val": h5["split/val"][()]}
         observed, params = {}, {}
         for name, group in h5.get("observed", {}).items():
-            observed[name] = {src: group[src][()] for src in SOURCES}
+            observed[name] = {}
+            for src in SOURCES:
+                if partial and group[src] == h5[f"{src}/labels"]:
+                    observed[name][src] = states[src]  # `verified`: a link, read once
+                else:
+                    observed[name][src] = _read_matrix(h5, path, f"observed/{name}/{src}")
             params[name] = {"bias": "uniform", **{k: _param(v) for k, v in group.attrs.items()}}
     return PreparedDataset(
         path=path,
@@ -360,7 +615,22 @@ def load_prepared(dataset_dir: Path | str) -> PreparedDataset:
         expected_positives=float(attrs["expected_positives"]),
         fingerprint=str(attrs["fingerprint"]),
         attrs=attrs,
+        states=states if partial else None,
+        class_ids=class_ids,
     )
+
+
+def _read_matrix(h5: h5py.File, path: Path, name: str) -> LabelMatrix:
+    """A dense matrix read whole, or a CSR group as a lazily read :class:`SparseRows`."""
+    node = h5[name]
+    if isinstance(node, h5py.Group):
+        if node.attrs.get("layout") != "csr":
+            raise SplError(
+                f"{path}: {name} is a group without layout 'csr' (written by a newer spl?); "
+                "prepare the dataset again"
+            )
+        return SparseRows(path, name)
+    return node[()]
 
 
 def _stored_root(image_root: Path, dataset_dir: Path) -> str:

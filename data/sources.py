@@ -395,11 +395,12 @@ def read_cub(source: Path) -> RawDataset:
 
 # --------------------------------------------------------------------------- custom CSV
 
-CUSTOM_COLUMNS = ("image", "labels", "split")
+CUSTOM_COLUMNS = ("image", "labels", "split", "negatives")
 CUSTOM_LAYOUT = (
     "an image folder (--source) and a CSV (--csv) with a header row and the columns "
     "'image' (path relative to the image folder), 'labels' (class names separated by ';', "
-    "may be empty) and optionally 'split' (train or test)"
+    "may be empty), optionally 'split' (train or test) and 'negatives' (classes verified "
+    "absent, separated by ';'; with it, a class in neither column is unknown)"
 )
 
 
@@ -454,7 +455,8 @@ def _custom_fields(where: str, header: list[str], fields: list[str]) -> dict[str
         )
     if len(fields) < len(header):
         image = fields[header.index("image")] if header.index("image") < len(fields) else ""
-        example = {"image": image.strip() or "img.png", "labels": "", "split": "train"}
+        example = {"image": image.strip() or "img.png", "labels": "", "split": "train",
+                   "negatives": ""}  # fmt: skip
         plural = "field" if len(fields) == 1 else "fields"
         raise SplError(
             f"{where}: {len(fields)} {plural} but the header has {len(header)} "
@@ -476,7 +478,9 @@ def read_custom(
     """Users' own data: one CSV row per image; the split column, or a seeded random split.
 
     Every row names a distinct image (after normalising the path): a repeat, above all one
-    in both train and test, is refused.
+    in both train and test, is refused. With a ``negatives`` column the labels are partial:
+    ``labels`` are verified positives, ``negatives`` verified negatives, anything else
+    unknown (a class in both columns of a row is refused).
     """
     _require(source, CUSTOM_LAYOUT)
     _require(csv_path, CUSTOM_LAYOUT)
@@ -484,10 +488,11 @@ def read_custom(
     if not records:
         raise SplError(f"{csv_path}: empty file. Expected {CUSTOM_LAYOUT}")
     header = _custom_header(csv_path, *records[0])
+    partial = "negatives" in header
     rows = records[1:]
     if not rows:
         raise SplError(f"{csv_path}: no image rows")
-    paths, names, splits = [], [], []
+    paths, names, negative_names, splits = [], [], [], []
     first: dict[str, tuple[int, str]] = {}  # normalised path -> (line, split)
     for line_no, fields in rows:
         where = f"{csv_path}, line {line_no}"
@@ -509,7 +514,14 @@ def read_custom(
             )
         first[path] = (line_no, split)
         paths.append(path)
-        names.append([n.strip() for n in row["labels"].split(";") if n.strip()])
+        names.append(_class_names(row["labels"]))
+        negative_names.append(_class_names(row.get("negatives", "")))
+        both = sorted(set(names[-1]) & set(negative_names[-1]))
+        if both:
+            raise SplError(
+                f"{where}: class {both[0]!r} is both in 'labels' (present) and in "
+                "'negatives' (absent); keep it in one of the two"
+            )
         if split:
             splits.append(split)
     if classes_file is not None:
@@ -517,20 +529,22 @@ def read_custom(
             raise SplError(f"--classes {classes_file} not found (one class name per line)")
         classes = [c.strip() for c in _read_text(Path(classes_file)).splitlines() if c.strip()]
         known = set(classes)
-        for (line_no, _), row_names in zip(rows, names, strict=True):
-            unknown = [n for n in row_names if n not in known]
+        for (line_no, _), row_names, row_negatives in zip(rows, names, negative_names, strict=True):
+            unknown = [n for n in row_names + row_negatives if n not in known]
             if unknown:
                 raise SplError(
                     f"{csv_path}, line {line_no}: class {unknown[0]!r} is not in {classes_file}"
                 )
     else:
-        classes = sorted({n for row_names in names for n in row_names})
+        classes = sorted({n for row_names in names + negative_names for n in row_names})
     if not classes:
         raise SplError(f"{csv_path}: no class names in the 'labels' column")
     column = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(rows), len(classes)), dtype=np.uint8)
-    for r, row_names in enumerate(names):
+    matrix = np.zeros((len(rows), len(classes)), dtype=np.int8 if partial else np.uint8)
+    for r, (row_names, row_negatives) in enumerate(zip(names, negative_names, strict=True)):
         matrix[r, [column[n] for n in row_names]] = 1
+        if row_negatives:
+            matrix[r, [column[n] for n in row_negatives]] = -1
     if splits:
         is_test = np.array([s == "test" for s in splits])
     else:
@@ -544,7 +558,13 @@ def read_custom(
         "test": [p for p, t in zip(paths, is_test, strict=True) if t],
     }
     labels = {"trainval": matrix[~is_test], "test": matrix[is_test]}
-    return RawDataset(name, classes, source, images, labels, None, f"{source} + {csv_path}")
+    return RawDataset(
+        name, classes, source, images, labels, None, f"{source} + {csv_path}", partial=partial
+    )
+
+
+def _class_names(field: str) -> list[str]:
+    return [n.strip() for n in field.split(";") if n.strip()]
 
 
 READERS: dict[str, Callable[[Path], RawDataset]] = {

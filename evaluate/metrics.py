@@ -8,15 +8,22 @@ batched version sorts once per (head, class) column and replaces sklearn's per-c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
 
-def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def average_precision(
+    scores: torch.Tensor, labels: torch.Tensor, known: torch.Tensor | None = None
+) -> torch.Tensor:
     """AP per column: ``scores`` ``[..., N, L]``, ``labels`` ``[N, L]`` (or broadcastable) 0/1.
 
     Returns ``[..., L]`` in [0, 1]. Parity: a class with no positive scores AP = 0, and it
-    still counts in the mean (sklearn warns and returns 0 there too).
+    still counts in the mean (sklearn warns and returns 0 there too). With ``known`` (bool,
+    like ``labels``: the verified entries of a partially labelled set), each class's AP is
+    computed over its verified entries alone, as OpenImages is evaluated: the others add
+    neither a hit nor a rank.
     """
     scores = torch.as_tensor(scores)
     labels = torch.as_tensor(labels, device=scores.device)
@@ -27,9 +34,19 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     order = torch.argsort(scores, dim=-2, descending=True)
     sorted_scores = torch.gather(scores, -2, order)
     hits = torch.gather(labels, -2, order)
-    true_pos = torch.cumsum(hits, dim=-2)
-    rank = torch.arange(1, n + 1, device=scores.device, dtype=scores.dtype)
-    precision = true_pos / rank.view(*([1] * (scores.dim() - 2)), n, 1)
+    if known is None:
+        true_pos = torch.cumsum(hits, dim=-2)
+        rank = torch.arange(1, n + 1, device=scores.device, dtype=scores.dtype)
+        precision = true_pos / rank.view(*([1] * (scores.dim() - 2)), n, 1)
+    else:
+        # An unknown entry keeps its place in the order but counts for nothing: the rank is
+        # the number of verified entries so far (cumulated integers: exact, so an all-true
+        # mask gives the unmasked numbers bit for bit).
+        known = torch.as_tensor(known, device=scores.device).to(scores.dtype).expand_as(scores)
+        verified = torch.gather(known, -2, order)
+        hits = hits * verified
+        true_pos = torch.cumsum(hits, dim=-2)
+        precision = true_pos / torch.cumsum(verified, dim=-2).clamp(min=1)
     # Tied scores form one threshold: every member takes the precision at the group's end.
     last = torch.ones_like(sorted_scores, dtype=torch.bool)
     last[..., :-1, :] = sorted_scores[..., :-1, :] != sorted_scores[..., 1:, :]
@@ -43,12 +60,19 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def mean_average_precision(
-    scores: torch.Tensor, labels: torch.Tensor, *, chunk: int | None = None
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk: int | None = None,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """100 x mean AP over all classes; ``scores`` ``[H, N, L]`` gives ``[H]`` (one per head).
 
-    ``chunk`` bounds memory by scoring that many heads at a time.
+    ``chunk`` bounds memory by scoring that many heads at a time. With ``known`` (a
+    partially labelled test set) the mean is :func:`verified_mean_average_precision`'s.
     """
+    if known is not None:
+        return verified_mean_average_precision(scores, labels, known, chunk=chunk).map
     scores = torch.as_tensor(scores)
     if scores.dim() == 2:
         return mean_average_precision(scores[None], labels, chunk=chunk)[0]
@@ -58,6 +82,45 @@ def mean_average_precision(
         for i in range(0, scores.shape[0], chunk)
     ]
     return 100.0 * torch.cat(parts)
+
+
+class VerifiedMAP(NamedTuple):
+    """mAP on a partially labelled test set: ``map`` per head (``[H]``, or a scalar for
+    ``[N, L]`` scores), ``classes_left_out`` (no verified positive in the set) and
+    ``evaluated`` (bool ``[L]``: the classes in the mean)."""
+
+    map: torch.Tensor
+    classes_left_out: int
+    evaluated: torch.Tensor
+
+
+def verified_mean_average_precision(
+    scores: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, *, chunk: int | None = None
+) -> VerifiedMAP:
+    """100 x mean AP over the classes with a verified positive, each class's AP over its
+    verified entries only (:func:`average_precision` with ``known``), as OpenImages is
+    evaluated; classes with no verified positive are left out of the mean and counted.
+
+    ``labels`` 0/1 (unknown entries may hold anything: they are masked), ``known`` bool,
+    both ``[N, L]``. With an all-true mask and a positive in every class this is
+    :func:`mean_average_precision` bit for bit; a class without any positive scores 0 and
+    counts there (the paper's rule) but is left out here. No class with a verified
+    positive gives NaN.
+    """
+    scores = torch.as_tensor(scores)
+    if scores.dim() == 2:
+        result = verified_mean_average_precision(scores[None], labels, known, chunk=chunk)
+        return result._replace(map=result.map[0])
+    labels = torch.as_tensor(labels, device=scores.device)
+    known = torch.as_tensor(known, device=scores.device).to(torch.bool)
+    evaluated = ((labels == 1) & known).any(dim=0)
+    chunk = chunk or scores.shape[0]
+    parts = [
+        average_precision(scores[i : i + chunk], labels, known)[..., evaluated].mean(dim=-1)
+        for i in range(0, scores.shape[0], chunk)
+    ]
+    left_out = int((~evaluated).sum())
+    return VerifiedMAP(100.0 * torch.cat(parts), left_out, evaluated)
 
 
 def precision_recall_at_k(

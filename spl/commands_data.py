@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import click
+import numpy as np
 
 from spl.clitools import config_option, settings_from_cli
 from spl.data.common import SplError
+from spl.data.labels import count_values
 from spl.data.prepared import (
     add_observed_set,
     format_summary,
@@ -18,7 +20,7 @@ from spl.data.prepared import (
 )
 from spl.settings import ObserveSettings, PrepareSettings, click_options
 
-DATASETS = ("voc12", "coco14", "nuswide", "cub", "custom", "demo")
+DATASETS = ("voc12", "coco14", "nuswide", "cub", "custom", "openimages", "demo")
 
 
 @click.group()
@@ -39,6 +41,10 @@ def prepare(ctx: click.Context, name: str, **options) -> None:
     settings = settings_from_cli(ctx, PrepareSettings, options)
     # Checked before a large raw dataset is read or demo images are written.
     check_observed_counts(settings.num_pos, settings.num_neg)
+    if settings.test_split != "validation" and name != "openimages":
+        raise SplError(
+            f"--test-split is read by openimages only; {name} has one official test file"
+        )
     source, root, force = settings.source, settings.root, settings.force
     num_pos, num_neg, seed = settings.num_pos, settings.num_neg, settings.seed
 
@@ -71,6 +77,12 @@ def prepare(ctx: click.Context, name: str, **options) -> None:
                 test_fraction=settings.test_fraction,
                 seed=settings.test_seed,
                 classes_file=settings.classes_file,
+            )
+        elif name == "openimages":
+            from spl.data.openimages import read_openimages
+
+            raw = read_openimages(
+                source, classes_file=settings.classes_file, test_split=settings.test_split
             )
         else:
             raw = sources.READERS[name](source)
@@ -128,7 +140,8 @@ def observe(ctx: click.Context, dataset: Path, **options) -> None:
     if settings.bias != "uniform":
         prepared = load_prepared(dataset)
         for src, observed in prepared.observed_set(name).items():
-            drawn = observed.sum(axis=0)
+            rows = np.arange(observed.shape[0])
+            drawn = count_values(observed, rows)["positives_per_class"]
             top = ", ".join(
                 f"{prepared.classes[c]} {int(drawn[c])}" for c in drawn.argsort()[::-1][:5]
             )

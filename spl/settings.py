@@ -399,7 +399,13 @@ class PrepareSettings(DrawSettings):
         None,
         flag="--classes",
         path="file",
-        help="custom: file with one class name per line (fixes the class order).",
+        help="custom: file with one class name per line (fixes the class order); "
+        "openimages: one LabelName per line, a subset of the classes.",
+    )
+    test_split: str = setting(
+        "validation",
+        choices=("validation", "test"),
+        help="openimages: the official file that becomes the test split.",
     )
     test_fraction: float = setting(0.2, parse=_fraction, help="custom without split: test share.")
     test_seed: int = setting(0, help="custom: seed of that split.")
