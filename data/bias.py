@@ -1,5 +1,5 @@
 """Biased single-positive labels: the one observed positive drawn in favour of large,
-central or often-clicked classes (methods.md section 11; COCO 2014 only).
+central or often-clicked classes (docs/methods.md section 11; COCO 2014 only).
 
 Each rule gives every image a weight per class (0 for the classes it does not have):
 
@@ -22,7 +22,7 @@ click files' good-click test reads COCO's boxes as ``[x, y, width, height]``.
 
 Every function here but :func:`read_instances`, :func:`read_clicks` and
 :func:`observe_biased` is pure (data in, numbers out). ``BIAS:path:line`` cites the
-release (methods.md section 0) as read for this module; the code here is our own.
+release (docs/methods.md section 0) as read for this module; the code here is our own.
 """
 
 from __future__ import annotations

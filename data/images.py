@@ -1,4 +1,4 @@
-"""Image datasets over a prepared split, with the paper's transforms (paper.md section 3)."""
+"""Image datasets over a prepared split, with the paper's transforms (docs/protocol.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The prepared dataset file ``ROOT/<name>/labels.h5`` (design.md, contract 1).
+"""The prepared dataset file ``ROOT/<name>/labels.h5`` (docs/architecture.md, contract 1).
 
 Layout (``trainval`` is the official training file, split into train/val by row indices;
 ``test`` is the official val/test file)::

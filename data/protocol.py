@@ -1,7 +1,7 @@
-"""The paper's protocol: every constant it fixes, in one place (paper.md sections 2-5).
+"""The paper's protocol: every constant it fixes, in one place (docs/protocol.md sections 2-5).
 
 Each stage reads its defaults from here, the command line shows them, and
-``tests/test_protocol.py`` pins each one to the value paper.md gives, so that none can
+``tests/test_protocol.py`` pins each one to the value docs/protocol.md gives, so that none can
 change without a test failing.
 """
 
@@ -43,7 +43,7 @@ HISTOGRAM_BINS = 20
 
 
 # How the observed positive is drawn: uniformly among the image's positives (the paper's
-# protocol), or biased towards large, central or often-clicked classes (methods.md s11;
+# protocol), or biased towards large, central or often-clicked classes (docs/methods.md s11;
 # COCO 2014 only, from its instance annotations).
 BIASES = ("uniform", "size", "location", "semantic")
 

@@ -1,4 +1,4 @@
-"""The paper's train/val split and single-positive label sampling (paper.md section 2)."""
+"""The paper's train/val split and single-positive label sampling (docs/protocol.md section 2)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ NUS_CLASSES = [
     "valley", "vehicle", "water", "waterfall", "wedding", "whales", "window", "zebra",
 ]  # fmt: skip
 
-# Expected positives per image k used by EPR/ROLE (paper.md section 2).
+# Expected positives per image k used by EPR/ROLE (docs/protocol.md section 2).
 PAPER_EXPECTED_POSITIVES = protocol.EXPECTED_POSITIVES
 
 

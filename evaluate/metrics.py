@@ -1,4 +1,4 @@
-"""mAP and friends, batched over heads and classes (paper.md section 6).
+"""mAP and friends, batched over heads and classes (docs/protocol.md section 6).
 
 Average precision is scikit-learn's step-wise ``average_precision_score`` (not
 interpolated): with the scores of one class sorted in descending order and tied scores

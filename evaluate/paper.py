@@ -1,4 +1,4 @@
-"""The paper's published numbers (paper.md section 7): test mAP and training-set recovery."""
+"""The paper's published numbers (docs/protocol.md section 7): test mAP and training-set recovery."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ RECOVERY = {
 }
 
 # Methods since the paper: published test mAP, fine-tuned end to end (ResNet-50, 448 px,
-# Cole et al.'s splits and single positives), each with its own recipe (methods.md).
+# Cole et al.'s splits and single positives), each with its own recipe (docs/methods.md).
 SINCE_2021 = {
     "em": {"voc12": 89.09, "coco14": 70.70, "nuswide": 47.15, "cub": 20.85},
     "em_apl": {"voc12": 89.19, "coco14": 70.87, "nuswide": 47.59, "cub": 21.84},
@@ -54,7 +54,7 @@ SINCE_2021 = {
     "em_pl": {"voc12": 89.10, "coco14": 71.45, "nuswide": 49.55, "cub": 24.02},
     "gpr": {"voc12": 90.46, "coco14": 73.54, "nuswide": 50.70, "cub": 24.89},
 }
-# Where each published number is from (methods.md); Hill and SPLC have none under Cole's
+# Where each published number is from (docs/methods.md); Hill and SPLC have none under Cole's
 # protocol.
 SINCE_2021_SOURCES = {
     "em": "EM (Zhou et al., 2022): VLPL README, AEVLP results, BoostLU figure",

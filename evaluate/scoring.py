@@ -59,7 +59,7 @@ def linear_results(
 ) -> tuple[list[dict], list[list[float]]]:
     """The rows of a linear run's results.csv (less the run's protocol columns) and each
     head's per-class test AP, from a fitted :class:`spl.fit.engine.StackedHeads`: the test
-    split scored once with every head's best-epoch weights (paper.md section 5), and the
+    split scored once with every head's best-epoch weights (docs/protocol.md section 5), and the
     training split's recovery of the hidden labels (paper Table 2), by the heads and by the
     label estimates of losses that keep them (ROLE's estimator). ``X_train``, ``Y_train``:
     the training features and full labels the model was fitted on.

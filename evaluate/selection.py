@@ -1,4 +1,4 @@
-"""Model selection (paper.md section 5): per loss, the (lr, batch size) whose best-epoch val
+"""Model selection (docs/protocol.md section 5): per loss, the (lr, batch size) whose best-epoch val
 mAP is highest; its test mAP at that epoch is the result; over seeds, mean and std."""
 
 from __future__ import annotations

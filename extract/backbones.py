@@ -2,7 +2,7 @@
 
 The feature is the input of the network's final linear classifier: the globally
 average-pooled penultimate activation for ResNets, EfficientNets, ConvNeXts and the like
-(paper.md section 3). Backbones:
+(docs/protocol.md section 3). Backbones:
 
 - ``resnet50`` with ``IMAGENET1K_V1``: the paper's, the default.
 - every torchvision classification model by name, with the names of its weights enum

@@ -1,4 +1,4 @@
-"""The feature file ``ROOT/<name>/features/<tag>.h5`` (design.md, contract 2).
+"""The feature file ``ROOT/<name>/features/<tag>.h5`` (docs/architecture.md, contract 2).
 
 One ``[N, D]`` array per source file of the prepared dataset, in its row order, so every
 split and observed-label variant reuses it::

@@ -1,4 +1,4 @@
-"""The scores file ``ROOT/<name>/scores/<tag>.h5`` (design.md, contract 2b).
+"""The scores file ``ROOT/<name>/scores/<tag>.h5`` (docs/architecture.md, contract 2b).
 
 A vision-language model's cosine similarity of each image (and of each tile of a g x g
 grid) with each class prompt, per source file of the prepared dataset, in its row order::

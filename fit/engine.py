@@ -5,7 +5,7 @@ batches, so one matrix product computes all their logits, one product all their 
 gradients, and one fused Adam call per learning rate updates them (:mod:`.adam`; on a CPU,
 one compiled pass forms the gradient inside the update: :mod:`.fused`). Features sit on the
 device once. Val mAP is computed for every head after every epoch; each head keeps its
-best-epoch weights and loss state (paper.md section 5). The test split is scored from the
+best-epoch weights and loss state (docs/protocol.md section 5). The test split is scored from the
 fitted model by :func:`spl.evaluate.scoring.linear_results`.
 
 The losses are objects (:mod:`spl.fit.losses`); the engine asks each how to get its

@@ -1,5 +1,5 @@
 """End-to-end fine-tuning of one network with one loss at one (lr, batch size, seed)
-(paper.md sections 3-5), shaped like the linear engine: ``FineTuner(...)`` stores options,
+(docs/protocol.md sections 3-5), shaped like the linear engine: ``FineTuner(...)`` stores options,
 ``fit(...)`` trains and returns ``self``, learned state ends in ``_``.
 
 The grid, the run directory and the files belong to ``spl.finetune``; this module computes:
@@ -444,7 +444,7 @@ class FineTuner:
         self, model, optimizer, loader, device, epoch, *, scheduler=None, prepare, on_step,
         world: int = 1,
     ) -> dict:  # fmt: skip
-        """One pass over the training loader; BatchNorm in train mode (paper.md section 3).
+        """One pass over the training loader; BatchNorm in train mode (docs/protocol.md section 3).
         Public for the fine-tune benchmark, which times the steps of a model it builds."""
         model.train()
         if self.freeze_batchnorm:

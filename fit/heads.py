@@ -39,7 +39,7 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
 def epoch_batches(
     num_rows: int, batch_size: int, seed: int, epoch: int, device: torch.device | None = None
 ) -> list[torch.Tensor]:
-    """Batches of one epoch: shuffled, the last partial batch dropped (paper.md section 5).
+    """Batches of one epoch: shuffled, the last partial batch dropped (docs/protocol.md section 5).
 
     The order goes to ``device`` once and each batch is a slice of it: no per-step
     host-to-device copy to stall a GPU's queue.

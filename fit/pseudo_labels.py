@@ -1,4 +1,4 @@
-"""Pseudo-labels from a vision-language model's scores (methods.md sections 8-9), as pure
+"""Pseudo-labels from a vision-language model's scores (docs/methods.md sections 8-9), as pure
 functions of the cached scores, and how good they are against the hidden labels.
 
 The releases recompute their pseudo-labels every batch from a randomly flipped crop (and,

@@ -1,4 +1,4 @@
-"""How each method's authors fine-tuned it (methods.md), per dataset: `spl finetune
+"""How each method's authors fine-tuned it (docs/methods.md), per dataset: `spl finetune
 --recipe source`. The paper's own protocol (`--recipe paper`, the default) is an 8-point
 grid of Adam at one lr for 10 epochs, keeping the best val epoch; the releases since fix one
 configuration each, with their own optimiser, head lr multiplier, epochs and early stop.
@@ -129,7 +129,7 @@ def _aevlp(dataset: str) -> Recipe:
 
 
 # The paper's protocol, for one configuration of its grid (the grid itself is the command's).
-PAPER_RECIPE = Recipe("Cole et al., CVPR 2021 (paper.md section 5)", 1e-4, 8, 10)
+PAPER_RECIPE = Recipe("Cole et al., CVPR 2021 (docs/protocol.md section 5)", 1e-4, 8, 10)
 
 RECIPES = {
     "em": _em, "em_apl": _em,

@@ -1,5 +1,5 @@
 """``spl pseudo-labels`` and ``spl import-scores``: the scores file ``scores/<tag>.h5``
-(design.md, contract 2b) from a vision-language model, or from users' own arrays."""
+(docs/architecture.md, contract 2b) from a vision-language model, or from users' own arrays."""
 
 from __future__ import annotations
 

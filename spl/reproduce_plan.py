@@ -228,7 +228,7 @@ def cell_options(
 
 
 def linearinit_settings(loss: str, dataset: str, plan: Plan) -> dict:
-    """LinearInit's fixed linear phase (paper.md section 5), with its dataset exceptions."""
+    """LinearInit's fixed linear phase (docs/protocol.md section 5), with its dataset exceptions."""
     fixed = protocol.LINEARINIT[loss]
     return {
         "lr": fixed["lr"],

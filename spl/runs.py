@@ -1,4 +1,4 @@
-"""Run directories (design.md contracts 3 and 4): one lifecycle for ``fit-linear`` and
+"""Run directories (docs/architecture.md contracts 3 and 4): one lifecycle for ``fit-linear`` and
 ``finetune`` (:class:`Run`: created once and never reused, marked incomplete until its
 results are written, resumable from its checkpoint), and a reader of finished linear runs
 (:class:`LinearRun`) for LinearInit and ``predict``."""

@@ -143,7 +143,7 @@ class GridSettings(LossSettings):
 
 @dataclass
 class LinearSettings(GridSettings):
-    """``spl fit-linear``: the sweep; defaults are the paper's protocol (paper.md s5)."""
+    """``spl fit-linear``: the sweep; defaults are the paper's protocol (docs/protocol.md s5)."""
 
     cli_order: ClassVar[tuple[str, ...]] = ("losses", "lrs", "batch_sizes", "epochs", "seeds")
 
@@ -260,7 +260,7 @@ class FitLinearOptions(RunOptions):
 
 @dataclass
 class DrawSettings:
-    """How single-positive labels are drawn (paper.md section 2), shared by ``spl data
+    """How single-positive labels are drawn (docs/protocol.md section 2), shared by ``spl data
     prepare`` and ``spl data observe``."""
 
     num_pos: int = setting(

@@ -181,7 +181,7 @@ def _float(array: np.ndarray) -> torch.Tensor:
 
 def check_batch_sizes(batch_sizes: list[int], train_rows: int, processes: int = 1) -> None:
     """The batch-size rule of both training commands: an epoch's batches are full (the last
-    partial one is dropped, paper.md section 5), so a batch size above the training rows
+    partial one is dropped, docs/protocol.md section 5), so a batch size above the training rows
     leaves an epoch without a batch; under torchrun a batch size is the global batch, each
     of the processes taking an equal share."""
     if train_rows < max(batch_sizes):

@@ -1,4 +1,4 @@
-"""Biased single-positive sets (`spl data observe --bias`, methods.md section 11): the
+"""Biased single-positive sets (`spl data observe --bias`, docs/methods.md section 11): the
 weights from known areas, boxes and clicks, the draw's frequencies and parity with the
 release's use of Python's `random`, the set in labels.h5, and the refusals."""
 

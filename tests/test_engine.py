@@ -182,7 +182,7 @@ def test_engine_equals_heads_trained_alone(dtype, tol, compiled, update, monkeyp
 
 
 def apl_update(targets, scores, observed, counts, remaining):
-    """EM + APL's labelling, written out (methods.md section 2): per class the
+    """EM + APL's labelling, written out (docs/methods.md section 2): per class the
     int(0.9 U_i / (E - W)) lowest-scored entries still unlabelled get target = score."""
     for cls in range(targets.shape[1]):
         n = int(0.9 * int(counts[cls]) / remaining)
@@ -196,7 +196,7 @@ def apl_update(targets, scores, observed, counts, remaining):
 
 
 def ll_cp_flips(logits, observed, flipped, rows, delta):
-    """LL-Cp's permanent corrections, written out (methods.md section 3): after the step,
+    """LL-Cp's permanent corrections, written out (docs/methods.md section 3): after the step,
     the unobserved entries whose loss is above the batch's k-th largest (strictly)."""
     effective = torch.where(flipped[rows], torch.ones_like(observed[rows]), observed[rows])
     losses = torch.nn.functional.softplus(logits) - effective.clamp(min=0) * logits  # BCE

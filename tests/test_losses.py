@@ -31,7 +31,7 @@ def sig(x):
 
 
 def reference_loss(key, logits, y, z, k, *, est=None, eta=None, eps=0.1, gamma=None):
-    """Per entry, straight from paper.md section 4, in Python floats."""
+    """Per entry, straight from docs/protocol.md section 4, in Python floats."""
     B, L = len(logits), len(logits[0])
     p = [[sig(v) for v in row] for row in logits]
     gamma = 1 / (L - 1) if gamma is None else gamma

@@ -1,5 +1,5 @@
 """The methods since the paper, each against a plain per-entry implementation written here
-from methods.md (value and logit gradient in float64, at several epochs where a schedule
+from docs/methods.md (value and logit gradient in float64, at several epochs where a schedule
 applies), and their state updates against plain replays."""
 
 import math
@@ -80,7 +80,7 @@ def asl_entry(x, z, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, frozen=None):
 
 
 def ll_batch(logits, z, epoch, delta_rel, variant, flips=None):
-    """LL-R / LL-Ct / LL-Cp of a batch, per entry (methods.md section 3)."""
+    """LL-R / LL-Ct / LL-Cp of a batch, per entry (docs/methods.md section 3)."""
     B, L = len(logits), len(logits[0])
     eff = [
         [1 if flips is not None and flips[n][i] else z[n][i] for i in range(L)] for n in range(B)

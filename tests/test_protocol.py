@@ -1,4 +1,4 @@
-"""The paper's protocol defaults, pinned to the values paper.md gives: none of them can
+"""The paper's protocol defaults, pinned to the values docs/protocol.md gives: none of them can
 change without this test failing."""
 
 import math

@@ -1,4 +1,4 @@
-"""`spl finetune --recipe source`: each release's recipe as methods.md gives it, the optimiser
+"""`spl finetune --recipe source`: each release's recipe as docs/methods.md gives it, the optimiser
 it builds, its early-stop rule, and a run that trains with it."""
 
 import json
@@ -20,7 +20,7 @@ from spl.fit.recipes import PAPER_RECIPE, RECIPES, EarlyStop, source_recipe
 from spl.runs import read_csv
 
 # (loss, dataset) -> (lr, batch size, epochs, optimiser, head lr multiplier, weight decay)
-# from methods.md: EM section 1, LargeLoss section 3 (issue #4's per-dataset table), GR
+# from docs/methods.md: EM section 1, LargeLoss section 3 (issue #4's per-dataset table), GR
 # section 4, the robust-loss release section 5, VLPL section 8, AEVLP section 9.
 RELEASES = {
     ("em", "voc12"): (1e-5, 8, 10, "adam", 1.0, 0.0),

@@ -24,7 +24,7 @@ def test_split_replays_the_reference_permutation():
 
 
 def _replay(labels, num_pos, num_neg, seed):
-    """Written from paper.md section 2, independently of the library."""
+    """Written from docs/protocol.md section 2, independently of the library."""
     rng = np.random.RandomState(seed)
     out = np.zeros(labels.shape, dtype=int)
     for i in range(labels.shape[0]):

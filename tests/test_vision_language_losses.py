@@ -1,5 +1,5 @@
 """VLPL (em_pl) and AEVLP (gpr): each loss against a plain per-entry implementation written
-here from methods.md sections 8-9 (value and logit gradient in float64), the pseudo-label
+here from docs/methods.md sections 8-9 (value and logit gradient in float64), the pseudo-label
 rules against plain replays over the rows, and `--scores` end to end: planted scores
 recover the true labels, and bad input is refused before a run exists."""
 
@@ -174,7 +174,7 @@ def test_per_dataset_defaults():
     ]  # fmt: skip
     voc = options("em_pl", "voc12")
     assert (voc.beta_pos, voc.temperature, voc.theta, voc.warmup) == (0.7, 0.01, 0.3, 0)
-    table = {  # methods.md section 9
+    table = {  # docs/methods.md section 9
         "voc12": ((0, 2, -2, -2), (0.01, 1), (0.7, 0.4), 0.05, 1.5, 0.01, 0.0, 0.5, 4, 3, 0.2),
         "coco14": ((0, 10, -2, -8), (0.01, 1), (0.7, 0.5), 0.001, 2.9, 0.01, 0.3, 0.5, 4, 3, 0.3),
         "nuswide": ((0, 10, -2, -8), (0.01, 1), (0.7, 0.5), 0.001, 1.9, 0.01, 0.3, 0.6, 4, 3, 0.2),

@@ -49,7 +49,7 @@ REGISTRY: tuple[type[Loss], ...] = (
     BCE, BCELS, IUN, IU, AN, ANLS, WAN, EPR, ROLE,
     # in the paper's code or method list, not in its tables
     PR, PseudoNegatives,
-    # methods since the paper (methods.md)
+    # methods since the paper (docs/methods.md)
     EM, EMAPL, LLR, LLCt, LLCp, GR, Hill, SPLC, ASL,
     # methods since the paper that train on a vision-language model's scores (--scores)
     EMPL, GPR,

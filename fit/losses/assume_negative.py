@@ -1,4 +1,4 @@
-"""Losses that treat unobserved labels as negatives, at full or reduced weight (paper.md
+"""Losses that treat unobserved labels as negatives, at full or reduced weight (docs/protocol.md
 section 4): AN, AN with label smoothing, weak AN and pseudo-negative sampling."""
 
 from __future__ import annotations

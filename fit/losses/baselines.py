@@ -1,4 +1,4 @@
-"""Losses that see more than one positive per image (paper.md section 4): the full-label
+"""Losses that see more than one positive per image (docs/protocol.md section 4): the full-label
 upper bounds BCE and BCE-LS, and IUN / IU, which add true or observed negatives."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Entropy maximisation (EM) and asymmetric pseudo-labelling (EM + APL), Zhou et al.,
-ECCV 2022 (methods.md sections 1-2): the unobserved labels are pushed towards maximum
+ECCV 2022 (docs/methods.md sections 1-2): the unobserved labels are pushed towards maximum
 entropy instead of towards negative; APL then labels, after each epoch from a warm-up on,
 the lowest-scored unobserved entries of each class as soft negatives that accumulate."""
 

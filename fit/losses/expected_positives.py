@@ -1,4 +1,4 @@
-"""EPR: the observed positives plus the expected-positive regulariser R_k (paper.md
+"""EPR: the observed positives plus the expected-positive regulariser R_k (docs/protocol.md
 section 4); the unobserved labels get no term of their own."""
 
 from __future__ import annotations

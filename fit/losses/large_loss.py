@@ -1,4 +1,4 @@
-"""Large Loss Matters (Kim et al., CVPR 2022; methods.md section 3): AN, except that from
+"""Large Loss Matters (Kim et al., CVPR 2022; docs/methods.md section 3): AN, except that from
 the second epoch the unobserved entries with the largest losses in a batch (likely hidden
 positives) are rejected (LL-R), corrected to positive for the batch (LL-Ct), or corrected
 permanently (LL-Cp)."""
@@ -148,7 +148,7 @@ class LLCp(_LargeLoss):
     """LL-Cp: from the second epoch a constant ceil(B L delta) entries per batch are
     selected and corrected, and after the step those above the threshold (strictly) become
     observed positives for good. The release never does this (its `is` string test makes
-    LL-Cp run as LL-Ct, methods.md section 3); spl follows the paper. The functional form
+    LL-Cp run as LL-Ct, docs/methods.md section 3); spl follows the paper. The functional form
     takes the observed matrix with earlier flips already in it."""
 
     key, title = "ll_cp", "LL-Cp"

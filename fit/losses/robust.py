@@ -1,9 +1,9 @@
 """Robust losses for the unobserved labels.
 
-- GR (Chen et al., IJCAI 2024; methods.md section 4): a generalized robust loss whose
+- GR (Chen et al., IJCAI 2024; docs/methods.md section 4): a generalized robust loss whose
   weights k and v follow the detached probability, with schedules over the epochs.
 - Hill, SPLC and ASL as packaged in the robust-loss-mlml release (Zhang et al.;
-  methods.md sections 5-7): their sum reductions and defaults as released.
+  docs/methods.md sections 5-7): their sum reductions and defaults as released.
 """
 
 from __future__ import annotations

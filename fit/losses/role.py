@@ -1,4 +1,4 @@
-"""ROLE: regularised online label estimation (paper.md section 4). A label estimator holds
+"""ROLE: regularised online label estimation (docs/protocol.md section 4). A label estimator holds
 one trainable logit per training image and class; the classifier and the estimator teach
 each other through stop-gradients, both pulled towards k positives per image."""
 

@@ -1,4 +1,4 @@
-"""Losses that train on pseudo-labels from a vision-language model (methods.md sections 8-9):
+"""Losses that train on pseudo-labels from a vision-language model (docs/methods.md sections 8-9):
 
 - EM_PL, VLPL (Xing et al., CVPR-W 2024): EM, except that the unobserved entries a CLIP
   model calls positive (softmax of cos / T above theta) are trained as soft positives.
@@ -164,7 +164,7 @@ class EMPL(PseudoLabelLoss):
 
 # --------------------------------------------------------------------------- AEVLP
 
-# AEVLP's configs/*.json (methods.md section 9); another dataset takes VOC's, except k.
+# AEVLP's configs/*.json (docs/methods.md section 9); another dataset takes VOC's, except k.
 AEVLP_OPTIONS: dict[str, dict[str, Any]] = {
     "voc12": {
         "k_schedule": (0.0, 2.0, -2.0, -2.0), "q": (0.01, 1.0), "lam": (0.7, 0.4),
