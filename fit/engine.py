@@ -54,6 +54,12 @@ __all__ = [
     "gradient_route", "head_name", "initial_head",
 ]  # fmt: skip
 
+# Where a fit's time goes (``timings_``, seconds): building the groups (on a CPU the first
+# time a machine meets a group's shapes, timing its update paths), each group's first step
+# of each epoch (the first one compiles on a CPU), the other steps, the losses' epoch hooks
+# (with their scoring passes), validation, and the caller's on_epoch (checkpoints).
+TIMINGS = ("setup", "first_step", "steps", "loss_hooks", "validation", "on_epoch")
+
 # What ``losses=`` takes: loss keys (resolved here), or losses resolved already.
 LossesArgument = Sequence[str] | Mapping[str, Loss] | Sequence[Loss]
 
@@ -139,25 +145,35 @@ class StackedHeads:
         Learned: ``coef_ [H, L, D]``, ``intercept_ [H, L]`` (best-epoch weights),
         ``best_epoch_``, ``best_val_map_``, ``heads_``, ``history_`` (one row per head and
         epoch), ``exported_state_`` (per head name, its loss's exported state at its best
-        epoch; only heads whose loss exports one), ``losses_``, ``train_seconds_``.
+        epoch; only heads whose loss exports one), ``losses_``, ``train_seconds_``,
+        ``timings_`` (where the time went: :data:`TIMINGS`).
         """
+        started = time.perf_counter()
         self.prepare(X, observed, labels=labels, X_val=X_val, Y_val=Y_val,
                      observed_iu=observed_iu, state=state, scores=scores)  # fmt: skip
         self.train_seconds_ = 0.0
+        timings = self.timings_ = dict.fromkeys(TIMINGS, 0.0)
+        timings["setup"] = time.perf_counter() - started
         with self.numerics():
             for group in self.groups_:
                 while group.epochs_done < self.epochs:
                     start = time.perf_counter()
                     record = train_epoch(group, on_step, self.cuda_graphs)
+                    validated = time.perf_counter()
                     record.update(
                         validate(group, chunk_heads=self.eval_chunk_heads,
                                  histogram_bins=self.histogram_bins)
                     )  # fmt: skip
+                    for key, seconds in record.pop("seconds").items():
+                        timings[key] += seconds
+                    timings["validation"] += time.perf_counter() - validated
                     record["seconds"] = time.perf_counter() - start
                     self.train_seconds_ += record["seconds"]
                     self.history_.extend(_split_record(group, record))
                     if on_epoch is not None:
+                        called = time.perf_counter()
                         on_epoch(self, {"group": group, **record})
+                        timings["on_epoch"] += time.perf_counter() - called
                 group.graph = None
             self._collect()
         for group in self.groups_:

@@ -5,6 +5,7 @@ benchmarks share."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,18 +22,24 @@ from spl.fit.step import start_epoch, train_step
 def train_epoch(
     group: HeadGroup, on_step: Callable[[int], None] | None = None, cuda_graphs: bool = True
 ) -> dict:
-    """Train the group's next epoch; returns ``{"epoch", "train_loss" [H]}``. On CUDA a
-    step is recorded once as a graph and replayed when ``cuda_graphs`` and the group
-    allow (:attr:`HeadGroup.graphable`)."""
+    """Train the group's next epoch; returns ``{"epoch", "train_loss" [H]}`` and where its
+    time went (``seconds``: the first step, the other steps, the loss hooks; on a CPU the
+    first step of a group compiles). On CUDA a step is recorded once as a graph and
+    replayed when ``cuda_graphs`` and the group allow (:attr:`HeadGroup.graphable`)."""
     epoch = group.epochs_done + 1
     X = group.data.X
+    started = time.perf_counter()
     start_epoch(group, epoch)
     if group.loss_sum is None:
         group.loss_sum = torch.zeros(len(group.heads), dtype=torch.float64, device=X.device)
     group.loss_sum.zero_()  # in place: a captured CUDA graph accumulates into this buffer
     batches = epoch_batches(X.shape[0], group.batch_size, group.seed, epoch - 1, X.device)
     use_graph = cuda_graphs and X.device.type == "cuda" and group.graphable
+    hooks = time.perf_counter() - started
+    first = steps_started = time.perf_counter()
     for step, rows in enumerate(batches):
+        if step == 1:
+            first = time.perf_counter()
         if use_graph and group.graph is None and step == 3:
             capture(group, rows, epoch)
         if group.graph is not None:
@@ -42,10 +49,16 @@ def train_epoch(
             train_step(group, rows, epoch)
         if on_step is not None:
             on_step(step)
+    steps_ended = time.perf_counter()
     group.epochs_done = epoch
     end_epoch(group, epoch)
     loss = (group.loss_sum / max(len(batches), 1)).cpu()
-    return {"epoch": epoch, "train_loss": loss}
+    seconds = {
+        "first_step": first - steps_started,
+        "steps": steps_ended - first,
+        "loss_hooks": hooks + time.perf_counter() - steps_ended,
+    }
+    return {"epoch": epoch, "train_loss": loss, "seconds": seconds}
 
 
 def capture(group: HeadGroup, rows: torch.Tensor, epoch: int) -> None:

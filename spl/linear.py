@@ -10,6 +10,7 @@ writes what they computed.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from spl.data.prepared import PreparedDataset, load_prepared
-from spl.data.runtime import resolve_device
+from spl.data.runtime import process_seconds, resolve_device
 from spl.evaluate import paper, report
 from spl.evaluate.scoring import linear_results
 from spl.extract.features import load_features, unreadable_rows
@@ -65,9 +66,12 @@ def run_linear(
 ) -> Path:
     """Train the sweep and write the run directory; returns its path (also written to
     ``run_file``, as soon as the run exists)."""
+    laps = Laps(command=process_seconds())
     prepared = load_prepared(dataset_dir)
     inputs = training_inputs(prepared, settings, settings.losses, unreadable_rows(prepared, tag))
+    laps.lap("read_labels")
     features, feature_attrs = split_features(prepared, tag, inputs.rows)
+    laps.lap("read_features")
     fused.setting()  # a bad SPL_COMPILE fails here, before a run directory exists
     device = resolve_device(settings.device)
     source = {
@@ -83,12 +87,43 @@ def run_linear(
     run.reset_history(state["history"] if state is not None else [])
     _note_left_out(inputs, log)
     bar = _progress_bar(settings, len(inputs.rows["train"]), state, progress)
+    laps.lap("open_run")
     fitted = fit_heads(inputs, features, device, state, _checkpoints(run, bar), bar)
     if bar is not None:
         bar.close()
+    laps.add(fitted.timings)
     write_results(run, inputs, tag, fitted, pseudo_summary)
-    run.complete(train_seconds=round(fitted.train_seconds, 2))
+    laps.lap("write_results")
+    run.complete(train_seconds=round(fitted.train_seconds, 2), timings=laps.record())
     return run.path
+
+
+class Laps:
+    """Where a command's time went, in seconds by phase, for ``config.json``'s ``timings``:
+    ``command`` is the time from the process's start to the command's first line (the
+    interpreter and the imports); ``total`` from the process's start to the record."""
+
+    def __init__(self, command: float | None) -> None:
+        self.seconds: dict[str, float] = {"command": command or 0.0}
+        self.start = command
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def add(self, seconds: dict[str, float]) -> None:
+        """Phases timed elsewhere (the engine's) within the lap being run."""
+        for name, value in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+        self.last = time.perf_counter()
+
+    def record(self) -> dict[str, float]:
+        total = process_seconds()
+        out = {name: round(value, 3) for name, value in self.seconds.items()}
+        out["total"] = round(total if total is not None else sum(self.seconds.values()), 3)
+        return out
 
 
 @dataclass
@@ -103,6 +138,7 @@ class FittedHeads:
     per_class_ap: list  # per head, the test AP of each class
     exported_state: dict  # per head, its loss state at its best epoch (LinearInit)
     train_seconds: float
+    timings: dict  # seconds by phase: the engine's (its TIMINGS) and the test scoring
 
 
 def fit_heads(
@@ -137,10 +173,12 @@ def fit_heads(
         on_step=None if bar is None else (lambda _: bar.update()),
         scores=inputs.scores,
     )
+    scoring = time.perf_counter()
     results, per_class_ap = linear_results(
         model, features["test"], inputs.labels("test"),
         X_train=features["train"], Y_train=inputs.labels("train"),
     )  # fmt: skip
+    timings = {**model.timings_, "test_scoring": time.perf_counter() - scoring}
     return FittedHeads(
         heads=model.heads_,
         weight=model.coef_.float(),
@@ -150,6 +188,7 @@ def fit_heads(
         per_class_ap=per_class_ap,
         exported_state=model.exported_state_,
         train_seconds=model.train_seconds_,
+        timings=timings,
     )
 
 

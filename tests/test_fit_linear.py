@@ -102,6 +102,14 @@ def test_fit_linear_writes_the_run_directory(imported, tmp_path, runner):
     assert estimates[next(iter(estimates))].shape == (240, 6)
     config = json.loads((run / "config.json").read_text())
     assert config["dataset_fingerprint"] == prepared.fingerprint and "finished" in config
+    # where the command's time went: every phase recorded, and they add up to the whole
+    # (less the gaps between phases, a few milliseconds)
+    timings = config["timings"]
+    phases = {"command", "read_labels", "read_features", "open_run", "setup", "first_step",
+              "steps", "loss_hooks", "validation", "on_epoch", "test_scoring", "write_results"}  # fmt: skip
+    assert set(timings) == phases | {"total"} and min(timings.values()) >= 0
+    assert timings["steps"] > 0 and timings["on_epoch"] > 0
+    assert 0 <= timings["total"] - sum(timings[p] for p in phases) < 0.5
     assert "| ROLE |" in (run / "summary.md").read_text()
     # a second run never overwrites the first
     _fit(runner, imported, tmp_path / "runs", "--epochs", 1, "--losses", "an", "--lrs", "1e-3")
