@@ -207,3 +207,4 @@ def paper_agreement(cells: list[Cell]) -> list[str]:
                 f"{dataset}: training-set recovery mAP: ROLE {role_map:.1f} vs AN {an_map:.1f} "
                 f"(ROLE {relation} AN; the paper has ROLE above AN on all four datasets)"
             )
+    return out

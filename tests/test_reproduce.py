@@ -424,3 +424,31 @@ def test_an_interrupted_run_is_resumed_when_its_settings_equal_the_jobs(root, ru
     assert [c.record["run"] for c in result["cells"]] == [str(run), str(run)]
     assert list((plan.runs / "demo" / plan.tag).iterdir()) == [run]
     assert not (run / "INCOMPLETE").exists()
+
+
+def test_paper_agreement_reads_the_findings_off_the_cells():
+    """The demo prints these lines: BCE above AN agrees with the paper, below disagrees;
+    ROLE's recovery is compared with AN's."""
+    from spl.reproduce import paper_agreement
+    from spl.reproduce_plan import Cell
+
+    def cell(table, loss, **record):
+        return Cell(table, "demo", loss, {}, record=record, status="done")
+
+    cells = [cell("linear", "bce", test_map=[70.2]), cell("linear", "an", test_map=[60.4])]
+    assert paper_agreement(cells) == [
+        "demo: full-label BCE 70.2 vs single-positive AN 60.4 test mAP: agrees with the paper "
+        "(BCE above AN)"
+    ]
+    cells[0].record["test_map"] = [50.0]
+    assert "DISAGREES with" in paper_agreement(cells)[0]
+    # recovery cells without a history file: the recovery mAP line alone
+    cells += [
+        cell("recovery", "role", train_recovery_map=[73.1], picked=[{"head": "h"}], run="/no"),
+        cell("recovery", "an", train_recovery_map=[73.7], picked=[{"head": "h"}], run="/no"),
+    ]
+    lines = paper_agreement(cells)
+    assert lines[-1] == (
+        "demo: training-set recovery mAP: ROLE 73.1 vs AN 73.7 (ROLE below AN; the paper has "
+        "ROLE above AN on all four datasets)"
+    )
