@@ -180,6 +180,17 @@ def test_readme_names_every_loss():
         assert f"`{key}`" in text
 
 
+def scratch_registry(monkeypatch) -> None:
+    """Point the registry, its key map and its groups at copies, so that what a test
+    registers is gone when monkeypatch puts the originals back."""
+    import spl.fit.losses as registry
+
+    monkeypatch.setattr(registry, "REGISTRY", list(registry.REGISTRY))
+    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
+    for name, keys in list(registry.GROUPS.items()):
+        monkeypatch.setitem(registry.GROUPS, name, list(keys))
+
+
 def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     """The worked example of docs/architecture.md, executed and registered at run time
     (monkeypatch undoes it): the registry-wide checks pass for it with no other change, and
@@ -198,9 +209,10 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
              "log_pos": log_pos, "log_neg": log_neg}  # fmt: skip
     exec(compile(code, "architecture.md", "exec"), scope)  # noqa: S102 - the docs' example
     focal = scope["FocalAN"]
-    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
-    monkeypatch.setitem(registry.GROUPS, "all", list(registry.GROUPS["all"]))
+    scratch_registry(monkeypatch)
     assert registry.register(focal) is focal
+    assert registry.REGISTRY[-1] is focal and registry.LOSSES["an_focal"] is focal
+    assert "an_focal" not in registry.GROUPS["paper"] + registry.GROUPS["vlm"]
     with pytest.raises(SplError, match="loss key 'an_focal' is taken \\(FocalAN\\)"):
         registry.register(focal)
     with pytest.raises(SplError, match="loss key 'an' is taken"):
