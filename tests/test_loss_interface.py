@@ -200,15 +200,16 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     from test_engine import check_engine_equals_plain_loop, check_export_is_the_best_epochs_state
 
     import spl.fit.losses as registry
-    from spl.fit.losses.base import Loss, is_value, log_neg, log_pos
+    from spl.fit.losses.base import Loss, is_value, log_neg, log_pos, option, option_range
 
     text = (REPO / "docs" / "architecture.md").read_text()
     example = text.split("### A worked example", 1)[1]
     code = re.search(r"```python\n(.*?)```", example, re.S).group(1)
     scope = {"Loss": Loss, "dataclass": dataclass, "torch": torch, "is_value": is_value,
-             "log_pos": log_pos, "log_neg": log_neg}  # fmt: skip
+             "log_pos": log_pos, "log_neg": log_neg, "option": option}  # fmt: skip
     exec(compile(code, "architecture.md", "exec"), scope)  # noqa: S102 - the docs' example
     focal = scope["FocalAN"]
+    assert str(option_range(focal, "gamma")) == "[0, inf)"  # its option declares its range
     scratch_registry(monkeypatch)
     assert registry.register(focal) is focal
     assert registry.REGISTRY[-1] is focal and registry.LOSSES["an_focal"] is focal
@@ -220,6 +221,8 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     with pytest.raises(SplError, match="a subclass of Loss with a key"):
         registry.register(type("Nameless", (Loss,), {}))
     assert registry.parse_losses("all")[-1] == "an_focal"
+    with pytest.raises(SplError, match=r"an_focal.gamma = -1 is outside its range \[0, inf\)"):
+        registry.parse_loss_options(["an_focal.gamma=-1"])
     # the registry-wide checks, as for every registered loss
     assert check_engine_gradients(["an", "an_focal"]) == {"weights", "autograd"}
     check_engine_equals_plain_loop(["an", "an_focal"])
