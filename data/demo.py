@@ -19,7 +19,9 @@ DEMO_CLASSES = [str(d) for d in range(10)]
 CELL = 32  # pixels per grid cell; images are 2*CELL square
 
 
-def _pools(targets: np.ndarray, rng: np.random.RandomState, test_share: float):
+def scan_pools(
+    targets: np.ndarray, rng: np.random.RandomState, test_share: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Split the scans per class so both pools hold every digit."""
     train, test = [], []
     for digit in range(10):
@@ -70,7 +72,7 @@ def build_demo(
         shutil.rmtree(image_dir)
     digits = load_digits()
     rng = np.random.RandomState(seed)
-    train_pool, test_pool = _pools(digits.target, rng, test_share=1 / 3)
+    train_pool, test_pool = scan_pools(digits.target, rng, test_share=1 / 3)
     images: dict[str, list[str]] = {}
     labels: dict[str, np.ndarray] = {}
     tmp_dir = out_dir / ".images.tmp"

@@ -26,7 +26,7 @@ SPARSE_THRESHOLD_BYTES = 256 * 2**20
 # What ``m[rows]`` reads at once when it walks a whole matrix (counts, whole reads).
 BLOCK_ROWS = 1 << 16
 # Entries between two requested rows read anyway (one read instead of two).
-_READ_GAP = 1 << 12
+READ_GAP = 1 << 12
 _CHUNK = 1 << 12
 VIEWS = ("values", "positive", "known")
 
@@ -241,7 +241,7 @@ class SparseRows:
         starts, stops = starts[keep], stops[keep]
         if len(starts) == 0:
             return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int8)
-        new_run = np.concatenate([[True], starts[1:] - stops[:-1] > _READ_GAP])
+        new_run = np.concatenate([[True], starts[1:] - stops[:-1] > READ_GAP])
         run = np.cumsum(new_run) - 1
         run_starts = starts[new_run]
         run_stops = np.maximum.reduceat(stops, np.flatnonzero(new_run))

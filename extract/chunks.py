@@ -69,11 +69,11 @@ class RowNames:
         self.trainval = len(prepared.images["trainval"])
 
     def __call__(self, index: int) -> str:
-        from spl.extract.features import _split_row
+        from spl.extract.features import split_row_name
 
         if index < self.trainval:
-            return _split_row(self.prepared, "trainval", index)
-        return _split_row(self.prepared, "test", index - self.trainval)
+            return split_row_name(self.prepared, "trainval", index)
+        return split_row_name(self.prepared, "test", index - self.trainval)
 
 
 def open_partial(partial: Path, settings: dict, chunk_size: int | None, force: bool) -> None:

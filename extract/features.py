@@ -197,13 +197,13 @@ def refuse_non_finite(
     finite[bad] = True
     if not finite.all():
         rows = np.nonzero(~finite)[0]
-        named = ", ".join(_split_row(prepared, source, r) for r in rows[:5])
+        named = ", ".join(split_row_name(prepared, source, r) for r in rows[:5])
         raise SplError(
             f"{path}: NaN or infinite {what} in {len(rows)} {source} rows ({named}); {fix}"
         )
 
 
-def _split_row(prepared: PreparedDataset, source: str, row: int) -> str:
+def split_row_name(prepared: PreparedDataset, source: str, row: int) -> str:
     """Name a source-file row by its split too: 'val split row 3 (trainval row 17)'."""
     if source == "test":
         return f"test split row {row}"

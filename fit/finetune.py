@@ -478,7 +478,7 @@ class FineTuner:
             if scheduler is not None:
                 scheduler.step()
             if hooked and world > 1:
-                self._after_every_step(index, logits.detach().float()[None], batch, world)
+                self.after_every_step(index, logits.detach().float()[None], batch, world)
             elif hooked:
                 self.loss.after_step(
                     self.model_.state(), rows=index, logits=logits.detach().float()[None],
@@ -493,7 +493,7 @@ class FineTuner:
             wait_start = time.perf_counter()
         return {"train_loss": total / max(steps, 1), "steps": steps}
 
-    def _after_every_step(
+    def after_every_step(
         self, rows: torch.Tensor, logits: torch.Tensor, batch: Batch, world: int
     ) -> None:
         """The loss's after-step update (LL-Cp's permanent flips) of every process's batch, on

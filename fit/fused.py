@@ -336,18 +336,18 @@ def _read_choices() -> dict:
 def _write_choice(key: str, mode: str, times: dict[str, float]) -> None:
     import json
 
+    from spl.data.common import atomic_path
+
     path = _choices_path()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             with open(path) as handle:
                 stored = json.load(handle)
         except (OSError, ValueError):
             stored = {}
         stored[key] = {"mode": mode, "seconds": {m: round(t, 6) for m, t in times.items()}}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as handle:
+        # through a temporary name (atomic_path also removes those of killed writers)
+        with atomic_path(path, force=True) as tmp, open(tmp, "w") as handle:
             json.dump(stored, handle, indent=2, sort_keys=True)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: measure again next time

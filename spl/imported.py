@@ -16,7 +16,7 @@ import numpy as np
 
 from spl.data.common import SplError, sha256_file
 from spl.data.prepared import SOURCES, PreparedDataset, RawDataset, load_prepared, write_prepared
-from spl.extract.features import _split_row, check_tag, feature_path, write_features
+from spl.extract.features import check_tag, feature_path, split_row_name, write_features
 from spl.extract.scores import IMPORTED, scores_path, write_scores
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -332,4 +332,4 @@ def _file_row(prepared: PreparedDataset, source: str, row: int) -> str:
     """'row 17 (val split row 3)': the row of the user's file, and the split it falls in."""
     if source == "test":
         return f"row {row}"
-    return f"row {row} ({_split_row(prepared, source, row).split(' (')[0]})"
+    return f"row {row} ({split_row_name(prepared, source, row).split(' (')[0]})"

@@ -139,7 +139,7 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
-def _cli_fields(cls: type) -> list[dataclasses.Field]:
+def cli_fields(cls: type) -> list[dataclasses.Field]:
     """The fields shown on the command line, those named in ``cli_order`` first."""
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
     order = list(getattr(cls, "cli_order", ()))
@@ -177,7 +177,7 @@ def click_options(cls: type) -> Callable:
 
     def decorate(command: Callable) -> Callable:
         defaults = cls()
-        for f in reversed(_cli_fields(cls)):
+        for f in reversed(cli_fields(cls)):
             meta, kind = f.metadata, _kind(cls, f)
             default = getattr(defaults, f.name)
             kwargs: dict[str, Any] = {
@@ -276,7 +276,7 @@ def to_args(settings: Any, *, always: Iterable[str] = ()) -> list[str]:
     in the order the command lists its options."""
     cls = type(settings)
     defaults = cls()
-    fields = _cli_fields(cls)
+    fields = cli_fields(cls)
     always = set(always)
     unknown = always - {f.name for f in fields}
     if unknown:

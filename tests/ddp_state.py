@@ -80,7 +80,7 @@ def unequal_parts(tuner: FineTuner, procs: Processes, num_classes: int) -> dict:
     observed[:, procs.rank] = 1
     labels = torch.zeros(len(rows), num_classes)
     batch = Batch(observed, labels, 2, tuner.epochs, tuner.loss.batch_state(state, rows))
-    tuner._after_every_step(rows, logits, batch, procs.world)
+    tuner.after_every_step(rows, logits, batch, procs.world)
     part = {"rows": rows, "logits": logits, "observed": observed, "labels": labels,
             "state": _cpu(batch.state)}  # fmt: skip
     return {"part": part, "after": _cpu(state)}

@@ -7,13 +7,18 @@ drive a loss through its own ``value`` and hooks only, so that a new loss needs 
 here; the hand-written references of the stateful methods have their own test.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from spl.data.common import SplError
+from spl.data.common import SplError, temporary_path
 from spl.data.runtime import generator
 from spl.data.sampling import observe_uniform
 from spl.evaluate.metrics import mean_average_precision
@@ -511,29 +516,76 @@ def test_compiled_update_equals_torch_fused_adam(dtype, tol):
     assert (expected - start).abs().max() > 1e-2  # the weights did move
 
 
-def test_failed_compilation_falls_back_to_the_eager_update(monkeypatch):
-    X, labels, observed, observed_iu = _data()
+TESTS = Path(__file__).resolve().parent
+# Run by test_failed_compilation_falls_back_to_the_eager_update in a fresh process: the
+# same sweep eagerly (SPL_COMPILE=0), then with compiling on where compiling fails.
+FALLBACK_SCRIPT = """
+import json, os, sys, warnings
+import torch
+from spl.fit import fused
+from spl.fit.engine import StackedHeads
+from test_engine import _data
 
-    def fit():
-        return StackedHeads(
-            losses=["an", "role"], lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=2, device="cpu",
-            expected_positives=1.0,
-        ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40])  # fmt: skip
+X, labels, observed, _ = _data()
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
+def fit():
+    return StackedHeads(
+        losses=["an", "role"], lrs=[1e-2, 1e-3], batch_sizes=[8], epochs=2, device="cpu",
+        expected_positives=1.0,
+    ).fit(X, observed, labels=labels, X_val=X[:40], Y_val=labels[:40])
 
-    monkeypatch.setenv("SPL_COMPILE", "0")
-    eager = fit()
-    monkeypatch.setenv("SPL_COMPILE", "1")
-    # What a machine without a working compiler sees: the first compiled call raises.
-    monkeypatch.setattr(fused, "_compile", lambda function: no_compiler)
-    monkeypatch.setattr(fused, "_functions", {})
-    monkeypatch.setattr(fused, "_broken", False)
-    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-        fallen_back = fit()
-    assert fused.broken() and not any(g.compiled for g in fallen_back.groups_)
-    torch.testing.assert_close(fallen_back.coef_, eager.coef_, rtol=0, atol=0)
+os.environ["SPL_COMPILE"] = "0"
+eager = fit()
+os.environ["SPL_COMPILE"] = "1"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fallen_back = fit()
+json.dump({
+    "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+    "broken": fused.broken(),
+    "compiled": [g.compiled for g in fallen_back.groups_],
+    "equal": bool(torch.equal(fallen_back.coef_, eager.coef_)),
+}, sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_failed_compilation_falls_back_to_the_eager_update(tmp_path):
+    """What a machine without a working C++ compiler sees, for real: torch's inductor is
+    pointed at a compiler that does not exist (``CXX``, read when torch loads, so in a
+    fresh process; an empty inductor cache, so that nothing compiled earlier is reused).
+    The sweep warns once, trains eagerly and gives the eager run's weights bit for bit;
+    the update-path measurement it made is kept in the cache file through a temporary
+    name, and a killed writer's leftover temporary of that file is removed."""
+    cache = tmp_path / "cache" / "spl" / "update-paths.json"
+    cache.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = temporary_path(cache)
+    leftover = mine.with_name(mine.name.removesuffix(str(os.getpid())) + str(dead.pid))
+    leftover.write_text("{half a file")
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["warnings"]) == 1, result["warnings"]
+    assert "compiled CPU steps are unavailable" in result["warnings"][0]
+    assert "no-such-compiler" in result["warnings"][0]  # failed for the reason staged here
+    assert result["broken"] and not any(result["compiled"])
+    assert result["equal"]
+    stored = json.loads(cache.read_text())
+    assert [entry["mode"] for entry in stored.values()] == ["eager"]  # only eager could run
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["update-paths.json"]
 
 
 def test_compiling_is_automatic_only_for_large_sweeps(monkeypatch):

@@ -180,6 +180,17 @@ def test_readme_names_every_loss():
         assert f"`{key}`" in text
 
 
+def scratch_registry(monkeypatch) -> None:
+    """Point the registry, its key map and its groups at copies, so that what a test
+    registers is gone when monkeypatch puts the originals back."""
+    import spl.fit.losses as registry
+
+    monkeypatch.setattr(registry, "REGISTRY", list(registry.REGISTRY))
+    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
+    for name, keys in list(registry.GROUPS.items()):
+        monkeypatch.setitem(registry.GROUPS, name, list(keys))
+
+
 def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     """The worked example of docs/architecture.md, executed and registered at run time
     (monkeypatch undoes it): the registry-wide checks pass for it with no other change, and
@@ -189,18 +200,20 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     from test_engine import check_engine_equals_plain_loop, check_export_is_the_best_epochs_state
 
     import spl.fit.losses as registry
-    from spl.fit.losses.base import Loss, is_value, log_neg, log_pos
+    from spl.fit.losses.base import Loss, is_value, log_neg, log_pos, option, option_range
 
     text = (REPO / "docs" / "architecture.md").read_text()
     example = text.split("### A worked example", 1)[1]
     code = re.search(r"```python\n(.*?)```", example, re.S).group(1)
     scope = {"Loss": Loss, "dataclass": dataclass, "torch": torch, "is_value": is_value,
-             "log_pos": log_pos, "log_neg": log_neg}  # fmt: skip
+             "log_pos": log_pos, "log_neg": log_neg, "option": option}  # fmt: skip
     exec(compile(code, "architecture.md", "exec"), scope)  # noqa: S102 - the docs' example
     focal = scope["FocalAN"]
-    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
-    monkeypatch.setitem(registry.GROUPS, "all", list(registry.GROUPS["all"]))
+    assert str(option_range(focal, "gamma")) == "[0, inf)"  # its option declares its range
+    scratch_registry(monkeypatch)
     assert registry.register(focal) is focal
+    assert registry.REGISTRY[-1] is focal and registry.LOSSES["an_focal"] is focal
+    assert "an_focal" not in registry.GROUPS["paper"] + registry.GROUPS["vlm"]
     with pytest.raises(SplError, match="loss key 'an_focal' is taken \\(FocalAN\\)"):
         registry.register(focal)
     with pytest.raises(SplError, match="loss key 'an' is taken"):
@@ -208,6 +221,8 @@ def test_adding_a_loss_is_one_class_and_one_registry_line(monkeypatch):
     with pytest.raises(SplError, match="a subclass of Loss with a key"):
         registry.register(type("Nameless", (Loss,), {}))
     assert registry.parse_losses("all")[-1] == "an_focal"
+    with pytest.raises(SplError, match=r"an_focal.gamma = -1 is outside its range \[0, inf\)"):
+        registry.parse_loss_options(["an_focal.gamma=-1"])
     # the registry-wide checks, as for every registered loss
     assert check_engine_gradients(["an", "an_focal"]) == {"weights", "autograd"}
     check_engine_equals_plain_loop(["an", "an_focal"])

@@ -147,9 +147,9 @@ def test_demo_is_deterministic_for_its_seed(tmp_path, runner):
 def test_demo_pools_are_disjoint():
     from sklearn.datasets import load_digits
 
-    from spl.data.demo import _pools
+    from spl.data.demo import scan_pools
 
-    train, test = _pools(load_digits().target, np.random.RandomState(0), 1 / 3)
+    train, test = scan_pools(load_digits().target, np.random.RandomState(0), 1 / 3)
     assert not set(train) & set(test) and len(train) + len(test) == 1797
 
 

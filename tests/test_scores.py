@@ -515,7 +515,7 @@ def test_a_stage_file_with_non_finite_rows_is_refused_unless_they_are_recorded_b
     write(None)
     with pytest.raises(SplError) as caught:
         load(prepared, "t")
-    rows = ", ".join(feature_file._split_row(prepared, "trainval", r) for r in (5, 9))
+    rows = ", ".join(feature_file.split_row_name(prepared, "trainval", r) for r in (5, 9))
     assert f"{path}: NaN or infinite {what} in 2 trainval rows ({rows}); " in str(caught.value)
     write({"trainval": [5, 9]})
     with pytest.raises(SplError, match=rf"infinite {what} in 1 test rows \(test split row 2\)"):

@@ -16,7 +16,7 @@ from spl.settings import (
     from_args,
     to_args,
 )
-from spl.settings_fields import _cli_fields
+from spl.settings_fields import cli_fields
 
 LOSS = {
     "observed": "size-p1-s7",
@@ -136,7 +136,7 @@ def test_every_settings_class_round_trips_through_its_command_line(tmp_path):
         settings = cls(**values)
         defaults = cls()
         # the sample sets every command-line field to something other than its default
-        same = [f.name for f in _cli_fields(cls) if getattr(settings, f.name) == getattr(defaults, f.name)]  # fmt: skip
+        same = [f.name for f in cli_fields(cls) if getattr(settings, f.name) == getattr(defaults, f.name)]  # fmt: skip
         assert not same, (cls.__name__, same)
         args = to_args(settings)
         assert from_args(cls, args) == settings, (cls.__name__, args)

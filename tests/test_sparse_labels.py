@@ -60,7 +60,7 @@ def test_csr_round_trip_and_take():
 
 @pytest.mark.parametrize("gap", [0, 1 << 20])  # each requested span read alone / merged
 def test_block_reads_index_as_numpy_does(tmp_path, monkeypatch, gap):
-    monkeypatch.setattr(label_store, "_READ_GAP", gap)
+    monkeypatch.setattr(label_store, "READ_GAP", gap)
     dense = _matrix(2, rows=3000, columns=40, density=0.2)  # > 64 Ki entries: several chunks
     stored = _stored(tmp_path, dense)
     assert stored.shape == dense.shape and stored.nnz == np.count_nonzero(dense)

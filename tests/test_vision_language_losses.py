@@ -190,10 +190,57 @@ def test_per_dataset_defaults():
     other = get_loss("gpr").make(context=Context(5, 2.2, "pets"))
     assert other.options.threshold == 0.5 and other.expected_positives() == 2.2  # its own k
     assert get_loss("gpr").make(context=Context(5)).expected_positives() == 1.5  # functional
-    assert GROUPS["vlm"] == ["em_pl", "gpr"] and set(GROUPS["vlm"]) <= set(GROUPS["all"])
-    assert not set(GROUPS["vlm"]) & set(SINCE_2021) and len(SINCE_2021) == 9
-    assert all(LOSSES[k].reads_scores for k in ("em_pl", "gpr"))
-    assert not any(cls.reads_scores for k, cls in LOSSES.items() if k not in ("em_pl", "gpr"))
+    check_score_readers_are_the_vlm_group()
+    assert {"em_pl", "gpr"} <= set(GROUPS["vlm"]) and len(SINCE_2021) == 9
+
+
+def check_score_readers_are_the_vlm_group() -> None:
+    """``vlm`` (what --losses vlm trains, what needs --scores) is every registered loss
+    that reads scores, in registry order, whichever they are; none is a since-2021 loss."""
+    import spl.fit.losses as registry
+
+    readers = [cls.key for cls in registry.REGISTRY if cls.reads_scores]
+    assert registry.GROUPS["vlm"] == readers
+    assert [key for key, cls in registry.LOSSES.items() if cls.reads_scores] == readers
+    assert set(readers) <= set(registry.GROUPS["all"]) and not set(readers) & set(SINCE_2021)
+
+
+def test_a_registered_loss_joins_the_groups_its_attributes_imply(monkeypatch):
+    """register(): a toy loss that reads scores joins REGISTRY, LOSSES, ``all`` and ``vlm``
+    (not ``paper``), one marked ``in_paper`` joins ``paper``; a taken key is refused with
+    nothing changed; monkeypatch undoes it all."""
+    from test_loss_interface import scratch_registry
+
+    import spl.fit.losses as registry
+    from spl.fit.losses.base import Loss
+
+    # the groups the other modules import by name are the registry's own lists
+    assert registry.GROUPS["vlm"] is registry.VISION_LANGUAGE
+    assert registry.GROUPS["paper"] is registry.PAPER_LOSSES
+    before = {name: list(keys) for name, keys in registry.GROUPS.items()}
+    scratch_registry(monkeypatch)
+
+    class ScoredAN(Loss):
+        """AN, with the scores it is handed (a toy: it reads none of them)."""
+
+        key, title, reads_scores = "an_scored", "AN (scores)", True
+
+    assert registry.register(ScoredAN) is ScoredAN
+    assert registry.REGISTRY[-1] is ScoredAN and registry.LOSSES["an_scored"] is ScoredAN
+    assert registry.GROUPS["vlm"] == [*before["vlm"], "an_scored"]
+    assert registry.GROUPS["all"] == [*before["all"], "an_scored"]
+    assert registry.GROUPS["paper"] == before["paper"]
+    assert registry.parse_losses("vlm")[-1] == "an_scored"
+    check_score_readers_are_the_vlm_group()
+    with pytest.raises(SplError, match="loss key 'an_scored' is taken \\(ScoredAN\\)"):
+        registry.register(type("Again", (Loss,), {"key": "an_scored", "reads_scores": True}))
+    assert registry.REGISTRY.count(ScoredAN) == 1 and registry.GROUPS["vlm"].count("an_scored") == 1
+    registry.register(type("PaperRow", (Loss,), {"key": "paper_row", "in_paper": True}))
+    assert registry.GROUPS["paper"] == [*before["paper"], "paper_row"]
+    assert "paper_row" not in registry.GROUPS["vlm"]
+    monkeypatch.undo()
+    assert {name: list(keys) for name, keys in registry.GROUPS.items()} == before
+    assert "an_scored" not in registry.LOSSES and ScoredAN not in registry.REGISTRY
 
 
 def test_bad_options_are_refused():

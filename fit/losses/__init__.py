@@ -44,7 +44,8 @@ from spl.fit.losses.robust import ASL, GR, SPLC, Hill, gr_schedule
 from spl.fit.losses.role import ROLE, estimator_from_probabilities, estimator_init
 from spl.fit.losses.vision_language import EMPL, GPR
 
-REGISTRY: tuple[type[Loss], ...] = (
+# A list: register() appends a loss defined elsewhere.
+REGISTRY: list[type[Loss]] = [
     # the paper's table, in its row order
     BCE, BCELS, IUN, IU, AN, ANLS, WAN, EPR, ROLE,
     # in the paper's code or method list, not in its tables
@@ -53,7 +54,7 @@ REGISTRY: tuple[type[Loss], ...] = (
     EM, EMAPL, LLR, LLCt, LLCp, GR, Hill, SPLC, ASL,
     # methods since the paper that train on a vision-language model's scores (--scores)
     EMPL, GPR,
-)  # fmt: skip
+]  # fmt: skip
 LOSSES: dict[str, type[Loss]] = {cls.key: cls for cls in REGISTRY}
 PAPER_LOSSES = [key for key, cls in LOSSES.items() if cls.in_paper]
 SINCE_2021 = ["em", "em_apl", "ll_r", "ll_ct", "ll_cp", "gr", "hill", "splc", "asl"]
@@ -75,16 +76,21 @@ __all__ = [
 
 
 def register(cls: type[Loss]) -> type[Loss]:
-    """Add a loss class to the registry and the ``all`` group at run time (a loss outside
-    this package; those inside get a line in ``REGISTRY``); returns the class, so that it
-    also serves as a decorator. A key already registered, or a group's name, is refused."""
+    """Add a loss class at run time (a loss outside this package; those inside get a line in
+    ``REGISTRY``) as if it had a line at the end of ``REGISTRY``: to ``REGISTRY``, ``LOSSES``
+    and the groups its class attributes put it in (``all``; ``paper`` if ``in_paper``,
+    ``vlm`` if ``reads_scores``). Returns the class, so that it also serves as a decorator.
+    A key already registered, or a group's name, is refused."""
     if not (isinstance(cls, type) and issubclass(cls, Loss)) or not cls.key:
         raise SplError(f"register() takes a subclass of Loss with a key, got {cls!r}")
     if cls.key in LOSSES or cls.key in GROUPS:
         taken = LOSSES[cls.key].__name__ if cls.key in LOSSES else "a group of losses"
         raise SplError(f"loss key {cls.key!r} is taken ({taken}): give {cls.__name__} another")
+    REGISTRY.append(cls)
     LOSSES[cls.key] = cls
-    GROUPS["all"].append(cls.key)
+    for group, member in (("all", True), ("paper", cls.in_paper), ("vlm", cls.reads_scores)):
+        if member:
+            GROUPS[group].append(cls.key)
     return cls
 
 
