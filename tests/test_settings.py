@@ -98,7 +98,7 @@ def samples(tmp: Path) -> dict[type, dict]:
             "val_fraction": 0.3, "expected_positives": 2.0, "drop_unlabeled": True,
             "allow_missing": True, "csv_path": tmp / "labels.csv", "dataset_name": "pets",
             "classes_file": tmp / "classes.txt", "test_fraction": 0.5, "test_seed": 2,
-            "train_images": 10, "test_images": 5, "demo_seed": 1,
+            "train_images": 10, "test_images": 5, "demo_seed": 1, "test_split": "test",
         },
         s.ExtractSettings: {
             "backbone": "openclip:ViT-B-16", "weights": "openai=/tmp/w.bin", "sha256": "ab12",
