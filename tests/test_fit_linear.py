@@ -305,3 +305,39 @@ def test_import_refuses_bad_arrays(tmp_path, runner):
         args += [f"--{key}", path]
     result = invoke(runner, args, ok=False)
     assert "test_f.npy" in result.output and "rows 7" in result.output
+
+
+def test_checkpoints_take_a_bounded_share_of_the_run(tmp_path):
+    """The first epoch is always checkpointed (a run killed later resumes from it); then a
+    checkpoint is written only once the training since the last has taken 1 / share times
+    what writing one took, so writing checkpoints stays a small share of a long sweep."""
+    import time
+
+    from spl.linear import CHECKPOINT_SHARE, _checkpoints
+    from spl.runs import Run
+
+    saves = []
+
+    class SlowToSave:  # a model whose state takes 10 ms to write
+        history_ = [{"head": "h", "epoch": 1}]
+
+        def state_dict(self):
+            time.sleep(0.01)
+            saves.append(time.perf_counter())
+            return {"saved": len(saves)}
+
+    run = Run(tmp_path, {})
+    on_epoch = _checkpoints(run, None)
+    record = {"group": type("G", (), {"heads": ["h"]})()}
+    on_epoch(SlowToSave(), record)
+    on_epoch(SlowToSave(), record)  # right after: not due
+    assert len(saves) == 1 and (tmp_path / "checkpoint.pt").exists()
+    first_written = time.perf_counter()
+    epochs = 2
+    while len(saves) == 1 and time.perf_counter() - first_written < 60:
+        time.sleep(0.05)
+        on_epoch(SlowToSave(), record)
+        epochs += 1
+    # due again, not before 1 / share times the 10 ms the state alone took to make
+    assert len(saves) == 2 and saves[1] - saves[0] >= 0.01 / CHECKPOINT_SHARE
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == epochs  # every one
