@@ -187,6 +187,7 @@ class Assembly:
                         "removed it: rerun to redo it"
                     )
             yield chunk.source, blocks
+            del blocks  # before reading the next chunk
 
 
 def assemble(
@@ -211,9 +212,20 @@ def assemble(
             bad.setdefault(chunk.source, []).append(
                 (chunk.start + row, f"{name(chunk.offset + row)}: {error}")
             )
+    shapes, dtypes = _shapes(partial, chunks, counts)
+    rows = {src: np.asarray(rows, np.int64) for src, rows in bad_rows.items()}
+    write(Assembly(shapes, dtypes, rows, partial, chunks))
+    shutil.rmtree(partial)
+    return bad
+
+
+def _shapes(
+    partial: Path, chunks: list[Chunk], counts: dict[str, int]
+) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, np.dtype]]:
+    """Every array's shape per source file and its dtype, from each file's first chunk."""
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     dtypes: dict[str, np.dtype] = {}
-    for source in SOURCES:  # every array's row shape and dtype, from each file's first chunk
+    for source in SOURCES:
         first = next((c for c in chunks if c.source == source), None)
         if first is None:
             continue
@@ -221,7 +233,4 @@ def assemble(
         for key, block in blocks.items():
             shapes.setdefault(key, {})[source] = (counts[source], *block.shape[1:])
             dtypes.setdefault(key, block.dtype)
-    rows = {src: np.asarray(rows, np.int64) for src, rows in bad_rows.items()}
-    write(Assembly(shapes, dtypes, rows, partial, chunks))
-    shutil.rmtree(partial)
-    return bad
+    return shapes, dtypes

@@ -179,7 +179,10 @@ class StageFileWriter:
 class FeatureWriter:
     """A feature file written block by block (the layout: module docstring): ``rows`` per
     source file, ``dim`` features in ``dtype``. ``append(source, block)`` in row order,
-    then ``finish(bad_rows)``; used as a context manager, an error drops the file."""
+    then ``finish(bad_rows, **attrs)``; used as a context manager, an error drops the file.
+    The attributes given here and to ``finish`` (known only at the end, e.g. the dataset's
+    fingerprint of an import) must hold tag, backbone, dataset_fingerprint and
+    dataset_name."""
 
     def __init__(
         self,
@@ -191,7 +194,6 @@ class FeatureWriter:
         *,
         force: bool = False,
     ) -> None:
-        _check_attrs(attrs)
         self.dtype = np.dtype(dtype)
         self.dim = int(dim)
         self.attrs = dict(attrs)
@@ -215,6 +217,11 @@ class FeatureWriter:
         for src in SOURCES:
             self._file.put(f"bad/{src}", np.asarray((bad_rows or {}).get(src, []), np.int64))
         given = {**self.attrs, **attrs}
+        try:
+            _check_attrs(given)
+        except ValueError:
+            self._file.abort()
+            raise
         return self._file.finish(
             {
                 "format": FORMAT,

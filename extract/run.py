@@ -83,6 +83,7 @@ __all__ = [
     "run_chunks",
     "run_pass",
     "tile_boxes",
+    "write_feature_file",
 ]
 
 DTYPES = ("float32", "float16")
@@ -280,8 +281,6 @@ def _feature_pass(
 ) -> ChunkedPass:
     """The backbone over every image (decoded on the device where it can be), to a
     feature file in ``dtype``."""
-    from spl.extract.features import FeatureWriter
-
     route = decode if decode != "auto" else ("device" if device.type == "cuda" else "pil")
     if route not in DECODE_ROUTES:
         raise SplError(f"--decode {decode}: use auto, {' or '.join(DECODE_ROUTES)}")
@@ -290,16 +289,7 @@ def _feature_pass(
     attrs = _attrs(prepared, spec, tag, image_size, route, dtype, step.compute)
 
     def write(assembly: Assembly) -> None:
-        count = sum(len(rows) for rows in assembly.bad_rows.values())
-        shapes = assembly.shapes["features"]
-        rows = {src: shapes[src][0] for src in SOURCES}
-        file_attrs = {**attrs, "bad_images": count}
-        with FeatureWriter(
-            final, rows, shapes["trainval"][1], dtype, file_attrs, force=force
-        ) as out:
-            for source, arrays in assembly.blocks():
-                out.append(source, arrays["features"])
-            out.finish(assembly.bad_rows)
+        write_feature_file(final, assembly, attrs, force=force)
 
     return ChunkedPass(
         final,
@@ -312,6 +302,21 @@ def _feature_pass(
         batch_size=128 if step.cuda else 32,
         attrs=attrs,
     )
+
+
+def write_feature_file(final: Path, assembly: Assembly, attrs: dict, *, force: bool) -> Path:
+    """The feature file of a finished pass, streamed from its chunks one at a time (memory
+    bounded by a chunk): ``attrs`` plus the count of bad images."""
+    from spl.extract.features import FeatureWriter
+
+    count = sum(len(rows) for rows in assembly.bad_rows.values())
+    shapes = assembly.shapes["features"]
+    rows = {src: shapes[src][0] for src in SOURCES}
+    dim, dtype = shapes["trainval"][1], assembly.dtypes["features"]
+    with FeatureWriter(final, rows, dim, dtype, {**attrs, "bad_images": count}, force=force) as out:
+        for source, arrays in assembly.blocks():
+            out.append(source, arrays["features"])
+        return out.finish(assembly.bad_rows)
 
 
 # Settings a resumed run must share with the chunks already written.
