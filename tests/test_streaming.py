@@ -6,6 +6,8 @@ the OpenImages rule (checked against scikit-learn); the memory plan against a ha
 budgets refused with what to reduce."""
 
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -23,7 +25,7 @@ from spl.memory_plan import HEAD_COPIES, parse_size
 from spl.runs import read_csv
 from spl.settings import LinearSettings
 
-from conftest import invoke
+from conftest import invoke, kill_when_file_appears
 
 GRID = ["--epochs", 2, "--lrs", "1e-2", "--batch-sizes", "8,16", "--quiet"]
 # a loss on each of the engine's routes: label-only weights (an, epr's weights...), fused
@@ -350,3 +352,58 @@ def test_budget_sizes_parse():
     assert parse_size("1e3") == 1000 and parse_size(4096) == 4096 and parse_size("7 kb") == 7000
     assert parse_size(None) is None
     assert LinearSettings(memory_budget="1GiB").memory_budget == 2**30
+
+
+@pytest.mark.slow
+def test_killed_streamed_run_resumes_to_the_resident_result(imported, tmp_path, runner):
+    args = ["--losses", "an,role", "--epochs", 12]
+    _fit(runner, imported, tmp_path / "straight", "imported", *args)
+    budget = _labels_per_batch_budget(imported, "imported", ("losses", ["an", "role"]))
+    command = [sys.executable, "-m", "spl", "fit-linear", str(imported), "--features",
+               "imported", "--out", str(tmp_path / "killed"), *map(str, GRID), *map(str, args),
+               "--stream-features", "--memory-budget", str(budget)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path)
+    checkpoint = kill_when_file_appears(
+        process, tmp_path / "killed", "mine/imported/linear-*/checkpoint.pt", timeout=120
+    )
+    run = checkpoint.parent
+    assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
+    invoke(runner, ["fit-linear", "--resume", run, "--quiet", "--out", tmp_path / "killed"])
+    assert not _plan(run)["resident_labels"]
+    _same_run(_run(tmp_path / "straight"), run)
+
+
+def test_blocked_scoring_gives_the_one_block_numbers(openimages):
+    """linear_results with scoring blocks of one class (and a few test rows per P@k block)
+    gives the numbers of one block, to rounding; fully and partially labelled."""
+    from spl.evaluate.scoring import linear_results
+    from spl.fit.engine import StackedHeads
+
+    prepared = load_prepared(openimages["sparse"])
+    features = load_features(prepared, "f").features
+    x = {s: features[prepared.rows(s)[0]][prepared.rows(s)[1]] for s in ("train", "val", "test")}
+    y = {s: prepared.split_labels(s) for s in ("train", "val", "test")}
+    known = {s: prepared.known(*prepared.rows(s)) for s in ("train", "val", "test")}
+    observed = prepared.observed_set("verified")["trainval"][prepared.rows("train")[1]]
+    from spl.fit.losses import Context, make_losses
+
+    context = Context(prepared.num_classes, prepared.expected_positives, prepared.name)
+    losses = make_losses(["an", "role"], {}, context)
+    model = StackedHeads(losses=losses, lrs=[1e-2, 1e-3], batch_sizes=[4], epochs=2)
+    model.fit(x["train"], observed, labels=y["train"], X_val=x["val"], Y_val=y["val"],
+              val_known=known["val"])  # fmt: skip
+    for test_known, train_known in ((None, None), (known["test"], known["train"])):
+        kwargs = {"X_train": x["train"], "Y_train": y["train"], "test_known": test_known,
+                  "train_known": train_known}  # fmt: skip
+        whole, whole_ap = linear_results(model, x["test"], y["test"], **kwargs)
+        small, small_ap = linear_results(model, x["test"], y["test"], score_bytes=1, **kwargs)
+        np.testing.assert_allclose(small_ap, whole_ap, atol=1e-4)
+        for a, b in zip(whole, small, strict=True):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                assert value == pytest.approx(b[key], abs=1e-4), key
+        classes = {r["test_classes_evaluated"] for r in whole}
+        if test_known is None:
+            assert classes == {prepared.num_classes}
+        else:
+            assert classes == {int((y["test"].astype(bool) & known["test"]).any(0).sum())}
