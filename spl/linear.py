@@ -190,8 +190,7 @@ def loss_states(inputs: TrainingInputs, heads: int) -> list[LossState]:
                 fixed += size
         exported = loss.export_state(state) if loss.overrides("export_state") else {}
         per_row += sum(t.numel() * t.element_size() for t in exported.values()) // n
-        copies = "the state, its gradient, Adam's two moments, the best epoch's snapshot"
-        out.append(LossState(key, heads, per_row, fixed, copies + " and the heads.pt copy"))
+        out.append(LossState(key, heads, per_row, fixed))
     return out
 
 
@@ -293,6 +292,9 @@ def run_linear(
     if bar is not None:
         bar.close()
     laps.add(fitted.timings)
+    for split_features_ in features.values():  # streamed: the feature file closes
+        if isinstance(split_features_, StreamedFeatures):
+            split_features_.close()
     write_results(run, inputs, tag, fitted, pseudo_summary)
     laps.lap("write_results")
     run.complete(train_seconds=round(fitted.train_seconds, 2), timings=laps.record())

@@ -161,14 +161,15 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class LossState:
-    """A loss's per-row state for the plan: bytes per training row and head (all copies),
-    fixed bytes per head, and the copies counted (for the message)."""
+    """A loss's per-row state for the plan: bytes per training row and head (every copy
+    the engine keeps: the state, for trainable tensors their gradient and Adam's two
+    moments, the best epoch's snapshot, the copy exported for heads.pt), and fixed bytes
+    per head."""
 
     key: str
     heads: int
     bytes_per_row: int
     bytes_fixed: int
-    copies: str
 
 
 @dataclass(frozen=True)
