@@ -407,3 +407,66 @@ def test_blocked_scoring_gives_the_one_block_numbers(openimages):
             assert classes == {prepared.num_classes}
         else:
             assert classes == {int((y["test"].astype(bool) & known["test"]).any(0).sum())}
+
+
+# --------------------------------------------------------------------------- fit/data.py
+
+
+def test_label_rows_read_a_csr_as_its_dense_matrix():
+    from spl.data.labels import CSR
+    from spl.fit.data import HiddenPositives, LabelRows
+
+    rng = np.random.RandomState(3)
+    dense = (rng.rand(50, 7) < 0.3).astype(np.int8) * rng.choice([-1, 1], (50, 7)).astype(np.int8)
+    sparse = LabelRows(CSR.from_dense(dense), dtype=torch.float32, device="cpu", resident=False)
+    resident = LabelRows(dense, dtype=torch.float32, device="cpu", resident=True)
+    assert sparse.sparse and not resident.sparse
+    rows = np.array([4, 0, 4, 49, 17])
+    expected = torch.from_numpy(dense[rows].astype(np.float32))
+    for matrix in (sparse, resident):
+        assert torch.equal(matrix.read(rows), expected)
+        assert torch.equal(matrix.take(torch.from_numpy(rows)), expected)
+        assert torch.equal(matrix.columns(2, 5), torch.from_numpy(dense[:, 2:5].astype(np.float32)))
+        assert torch.equal(matrix.dense(), torch.from_numpy(dense.astype(np.float32)))
+    # hidden positives (y = 1, z = 0) per class, read block by block from the CSR
+    labels = (dense == 1).astype(np.int8)
+    observed = np.zeros_like(labels)
+    observed[np.arange(50), labels.argmax(1)] = labels.max(1)
+    hidden = HiddenPositives.find(
+        LabelRows(CSR.from_dense(labels), dtype=torch.float32, device="cpu", resident=False),
+        LabelRows(CSR.from_dense(observed), dtype=torch.float32, device="cpu", resident=False),
+        torch.device("cpu"),
+    )
+    mask = (labels == 1) & (observed == 0)
+    assert hidden.count == int(mask.sum())
+    for c in range(7):
+        rows_c = hidden.class_rows(c, 0, 50)
+        got = [] if rows_c is None else rows_c.tolist()
+        assert got == np.flatnonzero(mask[:, c]).tolist()
+
+
+def test_read_ahead_gives_the_batches_in_order_and_raises_the_readers_error():
+    from spl.fit.data import ReadAhead
+
+    batches = [np.arange(i, i + 3) for i in range(0, 30, 3)]
+    reader = ReadAhead(lambda rows: {"x": torch.from_numpy(rows * 10)}, batches, window_rows=7)
+    got = [block["x"] for block in reader]
+    reader.close()
+    assert [g.tolist() for g in got] == [(b * 10).tolist() for b in batches]
+
+    def failing(rows):
+        if rows[0] >= 9:
+            raise OSError("disk gone")
+        return {"x": torch.from_numpy(rows)}
+
+    reader = ReadAhead(failing, batches, window_rows=1)
+    with pytest.raises(OSError, match="disk gone"):
+        list(reader)
+    reader.close()
+    # an epoch interrupted early stops the thread
+    reader = ReadAhead(
+        lambda rows: {"x": torch.from_numpy(rows)}, batches, window_rows=1, windows=1
+    )
+    next(reader)
+    reader.close()
+    assert not reader._thread.is_alive()
