@@ -161,15 +161,17 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class LossState:
-    """A loss's per-row state for the plan: bytes per training row and head (every copy
-    the engine keeps: the state, for trainable tensors their gradient and Adam's two
-    moments, the best epoch's snapshot, the copy exported for heads.pt), and fixed bytes
-    per head."""
+    """A loss's per-row state for the plan: bytes per training row of each head and of
+    each group (a tensor its heads share), and fixed bytes, each with every copy the engine
+    keeps (the state, for trainable tensors their gradient and Adam's two moments, the best
+    epoch's snapshot, each head's copy exported for heads.pt)."""
 
     key: str
     heads: int
-    bytes_per_row: int
-    bytes_fixed: int
+    groups: int
+    bytes_per_row: int  # per head
+    bytes_shared_per_row: int = 0  # per group
+    bytes_fixed: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,11 @@ def plan_linear(
             )
         ]
         for state in s.loss_states:
-            size = state.heads * (state.bytes_per_row * s.train_rows + state.bytes_fixed)
+            size = (
+                s.train_rows
+                * (state.heads * state.bytes_per_row + state.groups * state.bytes_shared_per_row)
+                + state.bytes_fixed
+            )
             if size:
                 items.append(
                     PlanItem(
