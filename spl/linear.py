@@ -158,6 +158,7 @@ def sweep_shape(inputs: TrainingInputs, tag: str) -> SweepShape:
         weight_tables=sum(gradient_route(type(v)) == "weights" for v in inputs.losses.values()),
         loss_states=loss_states(inputs, heads=groups * len(settings.lrs), groups=groups),
         hidden_positives=hidden,
+        dense_init=any(loss.overrides("init_state") for loss in inputs.losses.values()),
     )
 
 

@@ -180,7 +180,8 @@ class SweepShape:
     bytes per value, the engine's, the label matrices' host bytes as stored, the grid
     (heads per group, batch sizes), the loss states, the number of label-only weight tables
     a group holds (losses on the ``weights`` route), the observed sets on the device, the
-    unobserved positives the histograms follow (0: histograms off)."""
+    unobserved positives the histograms follow (0: histograms off), and whether a loss
+    initialises its state from a dense copy of its observed set."""
 
     train_rows: int
     val_rows: int
@@ -197,6 +198,7 @@ class SweepShape:
     loss_states: list[LossState] = field(default_factory=list)
     hidden_positives: int = 0
     ap_chunk: int = 16
+    dense_init: bool = False  # a loss initialises its state from a dense observed set
 
 
 def plan_linear(
@@ -281,6 +283,14 @@ def plan_linear(
                         f"--seeds), or leave {state.key} out of --losses",
                     )
                 )
+        if s.dense_init:  # (fit/group.py: a dense [N, L] copy for the call, one at a time)
+            items.append(
+                PlanItem(
+                    "observed set made dense for a loss's initial state",
+                    s.train_rows * s.classes * item,
+                    reduce="leave out the losses with a per-row state",
+                )
+            )
         if s.hidden_positives:
             items.append(
                 PlanItem(

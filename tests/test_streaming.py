@@ -303,6 +303,8 @@ def test_plan_counts_what_the_sweep_holds(imported):
     # role's estimates [N, L] float32 per head: the state, its gradient, Adam's two
     # moments, the best epoch's snapshot, the copy exported for heads.pt
     assert items["role's state (4 heads)"] == 4 * 6 * n * classes * 4
+    # role's estimator starts from a dense float32 copy of the observed set
+    assert items["observed set made dense for a loss's initial state"] == n * classes * 4
     labels = load_prepared(imported).labels["trainval"][load_prepared(imported).split["train"]]
     hidden = int(labels.sum()) - n  # positives less the one observed per image
     assert items["unobserved positives followed by the histograms"] == 16 * hidden
