@@ -364,6 +364,7 @@ def build(
     write_synthetic_features(prepared, labels, shape, tag, force=force)
     seconds["features"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - start
+    stats = label_stats(labels)
     return Report(
         shape=asdict(shape),
         dataset=str(folder),
@@ -372,7 +373,7 @@ def build(
         features_bytes=outputs[1].stat().st_size,
         seconds={key: round(value, 2) for key, value in seconds.items()},
         peak_rss_bytes=peak_rss_bytes(),
-        stats=label_stats(labels),
+        stats=stats,
     )
 
 
