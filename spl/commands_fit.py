@@ -44,6 +44,11 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
         dataset, tag = Path(config["dataset"]), config["feature_tag"]
     elif dataset is None or tag is None:
         raise SplError("give DATASET and --features TAG (or --resume RUN_DIR)")
+    if run.dry_run:
+        from spl.linear import plan_of_run
+
+        click.echo(plan_of_run(dataset, tag, settings).text())
+        return
     run_dir = run_linear(
         dataset, tag, settings, run.out, resume=run.resume, progress=not run.quiet,
         log=click.echo, run_file=run.run_file,
