@@ -193,3 +193,32 @@ def test_refuses_existing_files_without_force(tmp_path):
         synthetic.build(tmp_path, shape)
     report = synthetic.build(tmp_path, shape, force=True)
     assert report.stats["trainval"]["rows"] == 50
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_a_tiny_dataset(tmp_path):
+    """bench_openimages.py end to end on a tiny synthetic set: the plan from the command's
+    --dry-run, the full-size part and the steps cold and warm, the results file."""
+    synthetic.build(tmp_path, synthetic.Shape(rows=400, test_rows=50, classes=12, dim=16))
+    results, record = tmp_path / "openimages.md", tmp_path / "openimages.json"
+    done = subprocess.run(
+        [sys.executable, REPO / "benchmarks" / "bench_openimages.py",
+         tmp_path / "openimages-synthetic", "--steps", "10", "--losses", "an,role",
+         "--results", results, "--json", record, "--threads", "1"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("# OpenImages-scale training within a memory budget")
+    for heading in ("### Memory plan at full size", "### Peak resident memory",
+                    "### Steps (features streamed, read ahead)", "### Projection"):  # fmt: skip
+        assert heading in text
+    measured = json.loads(record.read_text())
+    assert measured["plans"]["The paper's nine losses"]["rc"] == 0
+    assert "memory plan on cpu" in measured["full"]["plan"]
+    assert measured["full"]["train_rows"] == 320 and measured["full"]["layout"] == "memmap"
+    for run in measured["steps"]["runs"].values():
+        assert run["steps"] == 10 and 0 <= run["wait_share"] < 1
+        assert run["timings"]["steps"] > 0
+    assert measured["steps"]["memory"]["VmHWM"] > 0
+    assert measured["projection"]["steps_per_epoch"] == 1_700_000 * 8 // 10 // 8
