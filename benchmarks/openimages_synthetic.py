@@ -7,8 +7,9 @@ scale without its 500 GB of images (issue 17, section 5)::
 writes ``ROOT/openimages-synthetic/labels.h5`` (the prepared dataset) and
 ``ROOT/openimages-synthetic/features/synthetic.h5`` (float16 features), then prints its
 time and peak memory. At the default size the feature file is 4.3 GB (1.04 M rows x 2,048
-x 2 bytes) and the labels ~60 MB; peak memory stays well under 2 GiB (labels ~100 MB, one
-block of features ~100 MB, the image list ~150 MB).
+x 2 bytes) and labels.h5 120 MB; peak memory stays well under 2 GiB (the labels and their
+draws 0.45 GiB at 1 M rows, one block of features ~100 MB, the libraries torch & co.
+~0.7 GiB).
 
 What a real preparation gives, without images. The prepared file is written by the
 project's own ``write_prepared`` from a ``RawDataset`` built as
