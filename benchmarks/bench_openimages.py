@@ -399,17 +399,18 @@ def report(args, machine: dict, plans: dict, full: dict, steps: dict, proj: dict
         f"## {machine['date']}: {full['train_rows']:,} train rows x {full['classes']:,} "
         f"classes, {args.losses_label} ({role})",
         "",
+        *([args.note, ""] if args.note else []),
         f"Machine: {machine['cpu']} ({machine['cores']} cores), {args.device}, torch "
         f"{machine['torch']}; load average before {machine['load_before']}, after "
         f"{machine['load_after']}; busy processes at start: {machine['busy'] or 'none'}.",
-        f"Dataset: {args.dataset} ({machine['feature_gib']:.2f} GiB of float16 features, "
+        f"Dataset: {args.dataset.name} ({machine['feature_gib']:.2f} GiB of float16 features, "
         f"{full['val_rows']:,} val rows, {full['hidden_positives']:,} unobserved positives "
         "followed by the histograms).",
         f"Configuration: lr {args.lr:g}, batch size {args.batch_size} (the paper's LinearInit "
         f"configuration of AN-LS), seed 0, {full['heads']} heads in {groups}; "
         f"memory budget {args.budget}.",
         "",
-        "### Memory plan at full size (`spl fit-linear --dry-run`)",
+        "### Memory plan at the dataset's size (`spl fit-linear --dry-run`)",
         "",
     ]
     for label, plan in plans.items():
@@ -430,7 +431,7 @@ def report(args, machine: dict, plans: dict, full: dict, steps: dict, proj: dict
         "",
         "| part | wall | peak RSS (VmHWM) |",
         "|---|---:|---:|",
-        f"| full-size set-up + validation + histograms | {hours(full['wall_seconds'])} | "
+        f"| set-up + validation + histograms, all rows | {hours(full['wall_seconds'])} | "
         f"{full['memory']['VmHWM'] / 2**30:.2f} GiB |",
         f"| {steps['rows']:,}-row epoch, cold + warm | {hours(steps['wall_seconds'])} | "
         f"{steps['memory']['VmHWM'] / 2**30:.2f} GiB |",
@@ -453,7 +454,7 @@ def report(args, machine: dict, plans: dict, full: dict, steps: dict, proj: dict
     target = "meets" if max(cold["wait_share"], warm["wait_share"]) < 0.10 else "misses"
     lines += [
         "",
-        f"Wait share {target} the < 10 % target. Full-size validation (val mAP over the "
+        f"Wait share {target} the < 10 % target. Validation of all val rows (mAP over the "
         f"verified entries) {hours(full['seconds']['validation'])}, the histograms' pass over "
         f"the training rows {hours(full['seconds']['histograms'])}; set-up "
         f"{hours(full['seconds']['prepare'])}.",
@@ -507,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--results", type=Path, help="append the Markdown report here")
     parser.add_argument("--json", type=Path, help="write every measurement as JSON here")
+    parser.add_argument("--note", default="", help="a line under the results' heading")
     parser.add_argument("--child", choices=("full", "steps"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

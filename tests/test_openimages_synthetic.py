@@ -210,7 +210,7 @@ def test_benchmark_runs_on_a_tiny_dataset(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("# OpenImages-scale training within a memory budget")
-    for heading in ("### Memory plan at full size", "### Peak resident memory",
+    for heading in ("### Memory plan at the dataset's size", "### Peak resident memory",
                     "### Steps (features streamed, read ahead)", "### Projection"):  # fmt: skip
         assert heading in text
     measured = json.loads(record.read_text())
