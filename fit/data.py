@@ -262,6 +262,7 @@ class LabelRows:
 
     @property
     def sparse(self) -> bool:
+        """Whether the matrix is held as a CSR of its entries (not resident)."""
         return isinstance(self.matrix, CSR)
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
@@ -315,6 +316,8 @@ class LabelRows:
 def as_labels(
     matrix: LabelInput | LabelRows, dtype: torch.dtype, device: torch.device, resident: bool
 ) -> LabelRows:
+    """A label matrix given to the engine: a :class:`LabelRows` as it is, a dense array,
+    tensor or :class:`~spl.data.labels.CSR` wrapped (on the device when ``resident``)."""
     if isinstance(matrix, LabelRows):
         return matrix
     return LabelRows(matrix, dtype=dtype, device=device, resident=resident)
@@ -358,6 +361,7 @@ class HiddenPositives:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> HiddenPositives:
+        """From a dense ``[N, L]`` bool mask (on its device)."""
         rows, classes = np.nonzero(mask.cpu().numpy())
         return cls.from_entries(rows, classes, tuple(mask.shape), mask.device)
 
@@ -365,6 +369,7 @@ class HiddenPositives:
     def from_entries(
         cls, rows: np.ndarray, classes: np.ndarray, shape: tuple[int, int], device
     ) -> HiddenPositives:
+        """From the (row, class) of each entry, in any order."""
         order = np.lexsort((rows, classes))
         host_rows = np.asarray(rows, dtype=np.int64)[order]
         counts = np.bincount(np.asarray(classes, dtype=np.int64), minlength=shape[1])

@@ -156,8 +156,9 @@ def sweep_shape(inputs: TrainingInputs, tag: str) -> SweepShape:
         host_labels=host,
         observed_sets=1 + (WITH_NEGATIVES in kinds),
         weight_tables=sum(gradient_route(type(v)) == "weights" for v in inputs.losses.values()),
-        loss_states=loss_states(inputs, heads=groups * len(settings.lrs)),
+        loss_states=loss_states(inputs, heads=groups * len(settings.lrs), groups=groups),
         hidden_positives=hidden,
+        dense_init=any(loss.overrides("init_state") for loss in inputs.losses.values()),
     )
 
 
@@ -165,33 +166,46 @@ def sweep_shape(inputs: TrainingInputs, tag: str) -> SweepShape:
 PROBE_ROWS = 8
 
 
-def loss_states(inputs: TrainingInputs, heads: int) -> list[LossState]:
-    """Each loss's per-row state (ROLE's estimator) in bytes per training row and head,
-    with every copy the engine keeps: the state, for trainable tensors their gradient and
-    Adam's two moments, the snapshot at the best epoch, and the copy exported for
-    heads.pt; measured by initialising the loss on a few training rows."""
+def loss_states(inputs: TrainingInputs, heads: int, groups: int) -> list[LossState]:
+    """Each loss's per-row state (ROLE's estimator, a score reader's pseudo-labels) in
+    bytes per training row, per head or shared by a group's heads, with every copy the
+    engine keeps: the state, for trainable tensors their gradient and Adam's two moments,
+    the snapshot at the best epoch, and each head's copy exported for heads.pt; measured
+    by initialising the loss on a few training rows (``heads`` in all, ``groups``)."""
     out = []
     for key, loss in inputs.losses.items():
         if not loss.overrides("init_state"):
             continue
         observed = inputs.observed[loss.trains_on]
-        probe = np.arange(min(PROBE_ROWS, observed.shape[0]))
+        n = min(PROBE_ROWS, observed.shape[0])
+        probe = np.arange(n)
         block = observed.block(probe) if isinstance(observed, CSR) else observed[probe]
         block = torch.from_numpy(np.asarray(block, dtype=np.float32))
-        state = loss.init_state(block, heads=1, seed=0)
-        n = len(probe)
-        per_row = fixed = 0
+        scores = loss.context.scores
+        if scores is not None:  # a score reader checks its scores against the rows
+            tiles = None if scores.tiles is None else scores.tiles[:n]
+            context = dataclasses.replace(
+                loss.context,
+                scores=dataclasses.replace(scores, image=scores.image[:n], tiles=tiles),
+            )
+            loss = type(loss)(loss.options, context)
+        probe_heads = n + 1  # a per-head tensor [h, n, ...] then never looks like [n, ...]
+        state = loss.init_state(block, heads=probe_heads, seed=0)
+        per_head = shared = fixed = 0
         for name, tensor in state.items():
             copies = 1 + 3 * (name in loss.trainable) + (name in loss.snapshot)
             size = tensor.numel() * tensor.element_size() * copies
-            if tensor.dim() >= 2 and tensor.shape[-2] == n:
-                per_row += size // n
+            if tensor.dim() >= 3 and tensor.shape[0] == probe_heads:
+                per_head += size // (probe_heads * n)
+            elif tensor.dim() >= 2 and tensor.shape[0] == n:
+                shared += size // n
             else:
                 fixed += size
         exported = loss.export_state(state) if loss.overrides("export_state") else {}
-        per_row += sum(t.numel() * t.element_size() for t in exported.values()) // n
-        copies = "the state, its gradient, Adam's two moments, the best epoch's snapshot"
-        out.append(LossState(key, heads, per_row, fixed, copies + " and the heads.pt copy"))
+        for tensor in exported.values():
+            size = tensor.numel() * tensor.element_size()
+            per_head += size // ((probe_heads if tensor.shape[0] == probe_heads else 1) * n)
+        out.append(LossState(key, heads, groups, per_head, shared, fixed))
     return out
 
 
@@ -293,6 +307,9 @@ def run_linear(
     if bar is not None:
         bar.close()
     laps.add(fitted.timings)
+    for split_features_ in features.values():  # streamed: the feature file closes
+        if isinstance(split_features_, StreamedFeatures):
+            split_features_.close()
     write_results(run, inputs, tag, fitted, pseudo_summary)
     laps.lap("write_results")
     run.complete(train_seconds=round(fitted.train_seconds, 2), timings=laps.record())

@@ -161,14 +161,17 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class LossState:
-    """A loss's per-row state for the plan: bytes per training row and head (all copies),
-    fixed bytes per head, and the copies counted (for the message)."""
+    """A loss's per-row state for the plan: bytes per training row of each head and of
+    each group (a tensor its heads share), and fixed bytes, each with every copy the engine
+    keeps (the state, for trainable tensors their gradient and Adam's two moments, the best
+    epoch's snapshot, each head's copy exported for heads.pt)."""
 
     key: str
     heads: int
-    bytes_per_row: int
-    bytes_fixed: int
-    copies: str
+    groups: int
+    bytes_per_row: int  # per head
+    bytes_shared_per_row: int = 0  # per group
+    bytes_fixed: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,8 @@ class SweepShape:
     bytes per value, the engine's, the label matrices' host bytes as stored, the grid
     (heads per group, batch sizes), the loss states, the number of label-only weight tables
     a group holds (losses on the ``weights`` route), the observed sets on the device, the
-    unobserved positives the histograms follow (0: histograms off)."""
+    unobserved positives the histograms follow (0: histograms off), and whether a loss
+    initialises its state from a dense copy of its observed set."""
 
     train_rows: int
     val_rows: int
@@ -194,6 +198,7 @@ class SweepShape:
     loss_states: list[LossState] = field(default_factory=list)
     hidden_positives: int = 0
     ap_chunk: int = 16
+    dense_init: bool = False  # a loss initialises its state from a dense observed set
 
 
 def plan_linear(
@@ -264,7 +269,11 @@ def plan_linear(
             )
         ]
         for state in s.loss_states:
-            size = state.heads * (state.bytes_per_row * s.train_rows + state.bytes_fixed)
+            size = (
+                s.train_rows
+                * (state.heads * state.bytes_per_row + state.groups * state.bytes_shared_per_row)
+                + state.bytes_fixed
+            )
             if size:
                 items.append(
                     PlanItem(
@@ -274,6 +283,14 @@ def plan_linear(
                         f"--seeds), or leave {state.key} out of --losses",
                     )
                 )
+        if s.dense_init:  # (fit/group.py: a dense [N, L] copy for the call, one at a time)
+            items.append(
+                PlanItem(
+                    "observed set made dense for a loss's initial state",
+                    s.train_rows * s.classes * item,
+                    reduce="leave out the losses with a per-row state",
+                )
+            )
         if s.hidden_positives:
             items.append(
                 PlanItem(

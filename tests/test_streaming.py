@@ -6,6 +6,8 @@ the OpenImages rule (checked against scikit-learn); the memory plan against a ha
 budgets refused with what to reduce."""
 
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -23,7 +25,7 @@ from spl.memory_plan import HEAD_COPIES, parse_size
 from spl.runs import read_csv
 from spl.settings import LinearSettings
 
-from conftest import invoke
+from conftest import invoke, kill_when_file_appears
 
 GRID = ["--epochs", 2, "--lrs", "1e-2", "--batch-sizes", "8,16", "--quiet"]
 # a loss on each of the engine's routes: label-only weights (an, epr's weights...), fused
@@ -301,6 +303,8 @@ def test_plan_counts_what_the_sweep_holds(imported):
     # role's estimates [N, L] float32 per head: the state, its gradient, Adam's two
     # moments, the best epoch's snapshot, the copy exported for heads.pt
     assert items["role's state (4 heads)"] == 4 * 6 * n * classes * 4
+    # role's estimator starts from a dense float32 copy of the observed set
+    assert items["observed set made dense for a loss's initial state"] == n * classes * 4
     labels = load_prepared(imported).labels["trainval"][load_prepared(imported).split["train"]]
     hidden = int(labels.sum()) - n  # positives less the one observed per image
     assert items["unobserved positives followed by the histograms"] == 16 * hidden
@@ -350,3 +354,121 @@ def test_budget_sizes_parse():
     assert parse_size("1e3") == 1000 and parse_size(4096) == 4096 and parse_size("7 kb") == 7000
     assert parse_size(None) is None
     assert LinearSettings(memory_budget="1GiB").memory_budget == 2**30
+
+
+@pytest.mark.slow
+def test_killed_streamed_run_resumes_to_the_resident_result(imported, tmp_path, runner):
+    args = ["--losses", "an,role", "--epochs", 12]
+    _fit(runner, imported, tmp_path / "straight", "imported", *args)
+    budget = _labels_per_batch_budget(imported, "imported", ("losses", ["an", "role"]))
+    command = [sys.executable, "-m", "spl", "fit-linear", str(imported), "--features",
+               "imported", "--out", str(tmp_path / "killed"), *map(str, GRID), *map(str, args),
+               "--stream-features", "--memory-budget", str(budget)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path)
+    checkpoint = kill_when_file_appears(
+        process, tmp_path / "killed", "mine/imported/linear-*/checkpoint.pt", timeout=120
+    )
+    run = checkpoint.parent
+    assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
+    invoke(runner, ["fit-linear", "--resume", run, "--quiet", "--out", tmp_path / "killed"])
+    assert not _plan(run)["resident_labels"]
+    _same_run(_run(tmp_path / "straight"), run)
+
+
+def test_blocked_scoring_gives_the_one_block_numbers(openimages):
+    """linear_results with scoring blocks of one class (and a few test rows per P@k block)
+    gives the numbers of one block, to rounding; fully and partially labelled."""
+    from spl.evaluate.scoring import linear_results
+    from spl.fit.engine import StackedHeads
+
+    prepared = load_prepared(openimages["sparse"])
+    features = load_features(prepared, "f").features
+    x = {s: features[prepared.rows(s)[0]][prepared.rows(s)[1]] for s in ("train", "val", "test")}
+    y = {s: prepared.split_labels(s) for s in ("train", "val", "test")}
+    known = {s: prepared.known(*prepared.rows(s)) for s in ("train", "val", "test")}
+    observed = prepared.observed_set("verified")["trainval"][prepared.rows("train")[1]]
+    from spl.fit.losses import Context, make_losses
+
+    context = Context(prepared.num_classes, prepared.expected_positives, prepared.name)
+    losses = make_losses(["an", "role"], {}, context)
+    model = StackedHeads(losses=losses, lrs=[1e-2, 1e-3], batch_sizes=[4], epochs=2)
+    model.fit(x["train"], observed, labels=y["train"], X_val=x["val"], Y_val=y["val"],
+              val_known=known["val"])  # fmt: skip
+    for test_known, train_known in ((None, None), (known["test"], known["train"])):
+        kwargs = {"X_train": x["train"], "Y_train": y["train"], "test_known": test_known,
+                  "train_known": train_known}  # fmt: skip
+        whole, whole_ap = linear_results(model, x["test"], y["test"], **kwargs)
+        small, small_ap = linear_results(model, x["test"], y["test"], score_bytes=1, **kwargs)
+        np.testing.assert_allclose(small_ap, whole_ap, atol=1e-4)
+        for a, b in zip(whole, small, strict=True):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                assert value == pytest.approx(b[key], abs=1e-4), key
+        classes = {r["test_classes_evaluated"] for r in whole}
+        if test_known is None:
+            assert classes == {prepared.num_classes}
+        else:
+            assert classes == {int((y["test"].astype(bool) & known["test"]).any(0).sum())}
+
+
+# --------------------------------------------------------------------------- fit/data.py
+
+
+def test_label_rows_read_a_csr_as_its_dense_matrix():
+    from spl.data.labels import CSR
+    from spl.fit.data import HiddenPositives, LabelRows
+
+    rng = np.random.RandomState(3)
+    dense = (rng.rand(50, 7) < 0.3).astype(np.int8) * rng.choice([-1, 1], (50, 7)).astype(np.int8)
+    sparse = LabelRows(CSR.from_dense(dense), dtype=torch.float32, device="cpu", resident=False)
+    resident = LabelRows(dense, dtype=torch.float32, device="cpu", resident=True)
+    assert sparse.sparse and not resident.sparse
+    rows = np.array([4, 0, 4, 49, 17])
+    expected = torch.from_numpy(dense[rows].astype(np.float32))
+    for matrix in (sparse, resident):
+        assert torch.equal(matrix.read(rows), expected)
+        assert torch.equal(matrix.take(torch.from_numpy(rows)), expected)
+        assert torch.equal(matrix.columns(2, 5), torch.from_numpy(dense[:, 2:5].astype(np.float32)))
+        assert torch.equal(matrix.dense(), torch.from_numpy(dense.astype(np.float32)))
+    # hidden positives (y = 1, z = 0) per class, read block by block from the CSR
+    labels = (dense == 1).astype(np.int8)
+    observed = np.zeros_like(labels)
+    observed[np.arange(50), labels.argmax(1)] = labels.max(1)
+    hidden = HiddenPositives.find(
+        LabelRows(CSR.from_dense(labels), dtype=torch.float32, device="cpu", resident=False),
+        LabelRows(CSR.from_dense(observed), dtype=torch.float32, device="cpu", resident=False),
+        torch.device("cpu"),
+    )
+    mask = (labels == 1) & (observed == 0)
+    assert hidden.count == int(mask.sum())
+    for c in range(7):
+        rows_c = hidden.class_rows(c, 0, 50)
+        got = [] if rows_c is None else rows_c.tolist()
+        assert got == np.flatnonzero(mask[:, c]).tolist()
+
+
+def test_read_ahead_gives_the_batches_in_order_and_raises_the_readers_error():
+    from spl.fit.data import ReadAhead
+
+    batches = [np.arange(i, i + 3) for i in range(0, 30, 3)]
+    reader = ReadAhead(lambda rows: {"x": torch.from_numpy(rows * 10)}, batches, window_rows=7)
+    got = [block["x"] for block in reader]
+    reader.close()
+    assert [g.tolist() for g in got] == [(b * 10).tolist() for b in batches]
+
+    def failing(rows):
+        if rows[0] >= 9:
+            raise OSError("disk gone")
+        return {"x": torch.from_numpy(rows)}
+
+    reader = ReadAhead(failing, batches, window_rows=1)
+    with pytest.raises(OSError, match="disk gone"):
+        list(reader)
+    reader.close()
+    # an epoch interrupted early stops the thread
+    reader = ReadAhead(
+        lambda rows: {"x": torch.from_numpy(rows)}, batches, window_rows=1, windows=1
+    )
+    next(reader)
+    reader.close()
+    assert not reader._thread.is_alive()
