@@ -3,7 +3,9 @@ losses on the synthetic OpenImages-shaped dataset of ``openimages_synthetic.py``
 streamed from the feature file, peak resident memory against the budget, the share of step
 time spent waiting for features, and a projection of the full OpenImages V6 sweep.
 
-Full size (the lead runs it alone on the machine; ~4.4 GB of disk, see results/openimages.md)::
+Full size (run alone on the machine; 4.4 GB of disk; on the 2-core AMD EPYC about 35 min:
+the dataset ~3 min, part 2 ~20 min, most of it validating 200 k val rows at ~5 ms a row,
+part 3 ~8 min)::
 
     python benchmarks/openimages_synthetic.py ~/spl-bench          # 1 M x 2,000 x 2,048
     python benchmarks/bench_openimages.py ~/spl-bench/openimages-synthetic \\
@@ -22,9 +24,10 @@ is read at its end:
    ``spl fit-linear DATASET --losses paper --lrs LR --batch-sizes BS --memory-budget BUDGET
    --dry-run`` (ROLE's label estimator is N x L per head, and the plan counts six copies
    of it: the state, its gradient, Adam's two moments, the best epoch's snapshot and the
-   heads.pt copy, 24 bytes an entry: 35.8 GiB at 800 k train rows x 2,000, so the plan
-   refuses the nine losses at 8 GiB), then the same without ROLE (the eight the benchmark
-   measures: 3.7 GiB planned at that size).
+   heads.pt copy, 24 bytes an entry: 35.8 GiB at 800 k train rows x 2,000, with the dense
+   observed set its initial state is made from 44.0 GiB in all, so the plan refuses the
+   nine losses at 8 GiB), then the same without ROLE (the eight the benchmark measures:
+   3.7 GiB planned at that size).
 2. **The full-size set-up and one epoch's validation** of the eight losses, through the
    engine's public interface (:class:`spl.fit.engine.StackedHeads` ``prepare``, then
    :func:`spl.fit.epoch.validate` per group): every training row's labels held as the
