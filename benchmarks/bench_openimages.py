@@ -86,9 +86,6 @@ VAL_ROWS = 2_000  # val rows of part 3 (its validation is timed apart from the s
 FULL_ROWS = 1_700_000  # OpenImages V6 training images with verified labels (issue 17)
 FULL_CLASSES = 9_605  # its trainable classes
 EPOCHS = 25  # the paper's linear epochs
-HISTOGRAM_BINS = 20  # the command's default (protocol.HISTOGRAM_BINS)
-SINGLE_POSITIVE = "uniform-p1-n0-s1200"
-WITH_NEGATIVE = "uniform-p1-n1-s1200"
 
 
 # --------------------------------------------------------------------------- memory
@@ -120,9 +117,9 @@ def drop_from_page_cache(path: Path) -> None:
 
 def command_inputs(args):
     """What ``spl fit-linear --stream-features --memory-budget BUDGET`` trains on, built by
-    the command's own functions: the prepared dataset, the run's inputs (observed sets and
-    labels as CSR for a sparse labels.h5), the memory plan within the budget, and the
-    settings."""
+    the command's own functions: (the prepared dataset, the run's inputs with their
+    settings (observed sets and labels as CSR for a sparse labels.h5), the memory plan
+    within the budget)."""
     from spl.data.prepared import load_prepared
     from spl.extract.features import unreadable_rows
     from spl.linear import memory_plan
@@ -362,7 +359,8 @@ def cpu_model() -> str:
 
 
 def busy_processes() -> list[str]:
-    """Other processes using the CPU now (ps, sorted by CPU share), for the record."""
+    """Processes with at least 5 % CPU (ps: their share since they started), for the
+    record of what else ran."""
     try:
         text = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
                               capture_output=True, text=True, check=True).stdout  # fmt: skip

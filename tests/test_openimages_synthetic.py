@@ -222,3 +222,38 @@ def test_benchmark_runs_on_a_tiny_dataset(tmp_path):
         assert run["timings"]["steps"] > 0
     assert measured["steps"]["memory"]["VmHWM"] > 0
     assert measured["projection"]["steps_per_epoch"] == 1_700_000 * 8 // 10 // 8
+
+
+def test_benchmark_projection_by_hand():
+    """The projection's arithmetic on round numbers, computed by hand: steps x (compute x
+    classes ratio / ranks + wait), validation and hooks scaled and split over the ranks, the
+    histograms' pass scaled but not split, set-up scaled with the rows."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_openimages", REPO / "benchmarks" / "bench_openimages.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    args = SimpleNamespace(full_rows=1000, full_classes=40, batch_size=10, epochs=2)
+    full = {"classes": 20, "train_rows": 100, "val_rows": 50, "test_rows": 10,
+            "seconds": {"validation": 5.0, "histograms": 2.0, "read_labels": 1.0,
+                        "check_features": 1.0, "prepare": 1.0}}  # fmt: skip
+    steps = {"runs": {"warm": {"compute_per_step": 0.1, "wait_per_step": 0.01,
+                               "loss_hooks_per_row": 0.001},
+                      "cold": {"wait_per_step": 0.02}}}  # fmt: skip
+    out = bench.projection(args, full, steps)
+    assert (out["train_rows"], out["val_rows"], out["steps_per_epoch"]) == (800, 200, 80)
+    assert out["setup"] == pytest.approx(3.0 * 1010 / 160)
+    one, eight = out["ranks"][1], out["ranks"][8]
+    # steps 80 x (0.2 + 0.02); validation 5 x 200/50 x 2; histograms 2 x 800/100 x 2;
+    # hooks 0.001 x 800 x 2
+    assert one["parts"] == pytest.approx(
+        {"steps": 17.6, "validation": 40.0, "histograms": 32.0, "loss_hooks": 1.6}
+    )
+    assert one["run"] == pytest.approx(3.0 * 1010 / 160 + 2 * 91.2)
+    assert eight["parts"] == pytest.approx(
+        {"steps": 80 * (0.2 / 8 + 0.02), "validation": 5.0, "histograms": 32.0,
+         "loss_hooks": 0.2}
+    )  # fmt: skip
