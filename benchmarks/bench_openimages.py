@@ -474,7 +474,8 @@ def report(args, machine: dict, plans: dict, full: dict, steps: dict, proj: dict
     for ranks, row in proj["ranks"].items():
         p = row["parts"]
         lines.append(
-            f"| {ranks} | {hours(p['steps'])} | {hours(p['validation'])} | "
+            f"| {ranks} ({'as one GPU' if ranks == 1 else f'as {ranks} GPUs, torchrun'}) | "
+            f"{hours(p['steps'])} | {hours(p['validation'])} | "
             f"{hours(p['histograms'])} | {hours(p['loss_hooks'])} | {hours(row['epoch'])} | "
             f"{hours(row['run'])} |"
         )
