@@ -27,6 +27,10 @@ def average_precision(
     """
     scores = torch.as_tensor(scores)
     labels = torch.as_tensor(labels, device=scores.device)
+    if known is not None:
+        known = torch.as_tensor(known, device=scores.device).to(torch.bool)
+        if known.dim() == 2 and labels.dim() == 2 and scores.shape[-2] > 0 and not known.all():
+            return _verified_average_precision(scores, labels, known)
     labels = labels.to(scores.dtype).expand_as(scores)
     n = scores.shape[-2]
     if n == 0:
@@ -57,6 +61,45 @@ def average_precision(
     positives = hits.sum(dim=-2)
     total = (hits * precision_at_end).sum(dim=-2)
     return torch.where(positives > 0, total / positives.clamp(min=1), torch.zeros_like(total))
+
+
+def _verified_average_precision(
+    scores: torch.Tensor, labels: torch.Tensor, known: torch.Tensor
+) -> torch.Tensor:
+    """:func:`average_precision` over the verified entries alone, sorting only those: on a
+    sparsely verified split (OpenImages: a few verified classes per image) the verified
+    entries are a few per thousand, and sorting every column of ``[heads, N, L]`` scores
+    cost ~100 times the matrix product that made them. The same arithmetic per class as the
+    masked dense computation (integer counts, precision at the end of each tie group); the
+    per-class sums agree with it to rounding."""
+    lead, (n, num_classes) = scores.shape[:-2], scores.shape[-2:]
+    known = known.expand(n, num_classes)
+    cols, rows = known.t().nonzero(as_tuple=True)  # grouped by class, rows ascending
+    flat = scores.reshape(-1, n, num_classes)[:, rows, cols]  # [B, M]
+    hits_flat = labels.expand(n, num_classes)[rows, cols].to(scores.dtype)
+    # Each class's entries by descending score: sort by score, then (stably) by class.
+    by_score = torch.argsort(flat, dim=-1, descending=True, stable=True)
+    order = by_score.gather(-1, torch.argsort(cols[by_score], dim=-1, stable=True))
+    sorted_scores = flat.gather(-1, order)
+    hits = hits_flat[order]  # [B, M]; the classes' segments are cols, as before sorting
+    m = cols.numel()
+    counts = torch.bincount(cols, minlength=num_classes)
+    start = (torch.cumsum(counts, 0) - counts)[cols]  # each entry's class segment start
+    position = torch.arange(m, device=scores.device)
+    hit_count = torch.cumsum(hits.to(torch.int64), dim=-1)
+    before = torch.where(start > 0, hit_count[:, (start - 1).clamp(min=0)], 0)
+    true_pos = (hit_count - before).to(scores.dtype)
+    precision = true_pos / (position - start + 1).to(scores.dtype)
+    # Tied scores within a class form one threshold: each takes the precision at its end.
+    last = torch.ones_like(sorted_scores, dtype=torch.bool)
+    last[:, :-1] = (sorted_scores[:, :-1] != sorted_scores[:, 1:]) | (cols[:-1] != cols[1:])
+    end = torch.where(last, position.expand_as(last), m)
+    end = torch.flip(torch.cummin(torch.flip(end, [-1]), dim=-1).values, [-1])
+    weighted = hits * precision.gather(-1, end)
+    total = scores.new_zeros(weighted.shape[0], num_classes).index_add_(1, cols, weighted)
+    positives = scores.new_zeros(weighted.shape[0], num_classes).index_add_(1, cols, hits)
+    ap = torch.where(positives > 0, total / positives.clamp(min=1), torch.zeros_like(total))
+    return ap.reshape(*lead, num_classes)
 
 
 def mean_average_precision(

@@ -178,3 +178,27 @@ def test_classes_without_a_verified_positive_are_counted_not_scored():
     assert result.map.item() == pytest.approx(100.0)
     nothing = verified_mean_average_precision(scores, labels, torch.zeros(3, 3, dtype=torch.bool))
     assert nothing.classes_left_out == 3 and torch.isnan(nothing.map)
+
+
+def test_verified_ap_on_a_sparsely_verified_split_equals_sklearn():
+    """OpenImages' shape: a few verified entries per thousand (only those are sorted),
+    classes with one verified entry, with none, and verified entries tied with unknown ones."""
+    rng = np.random.RandomState(7)
+    heads, n, num_classes = 2, 3000, 40
+    known = rng.rand(n, num_classes) < 0.005
+    known[:, 1] = False  # no verified entry at all
+    known[:, 2] = False
+    known[17, 2] = True  # a single verified entry, a positive
+    labels = (rng.rand(n, num_classes) < 0.5).astype(np.int64)
+    labels[17, 2] = 1
+    scores = np.round(rng.rand(heads, n, num_classes) * 20) / 20  # ties, also with unknowns
+    per_class = average_precision(torch.tensor(scores), torch.tensor(labels), torch.tensor(known))
+    for h in range(heads):
+        for j in range(num_classes):
+            rows = known[:, j]
+            if not (labels[rows, j] == 1).any():
+                assert per_class[h, j].item() == 0.0
+                continue
+            expected = average_precision_score(labels[rows, j], scores[h][rows, j])
+            assert per_class[h, j].item() == pytest.approx(expected, abs=1e-12)
+    assert per_class[0, 2].item() == 1.0
