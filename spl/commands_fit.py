@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import click
@@ -48,8 +49,9 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
         dataset, tag, settings, run.out, resume=run.resume, progress=not run.quiet,
         log=click.echo, run_file=run.run_file,
     )  # fmt: skip
-    click.echo(f"run: {run_dir}")
-    click.echo(linear_table(read_csv(run_dir / "results.csv"), LOSSES))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
+        click.echo(f"run: {run_dir}")
+        click.echo(linear_table(read_csv(run_dir / "results.csv"), LOSSES))
 
 
 @click.command("import-features")

@@ -157,6 +157,14 @@ class LinearSettings(GridSettings):
     histogram_bins: int = setting(
         protocol.HISTOGRAM_BINS, parse=at_least(0), help="0 turns histograms off."
     )
+    loss_parts: int = setting(
+        1,
+        parse=at_least(1),
+        help="Train each (seed, batch size) group's losses as this many engine groups, of "
+        "about equal work (1 to the number of losses), so that more torchrun processes can "
+        "share a sweep. Moves the last bits of the results (a group's width enters its "
+        "arithmetic); a run is the same whatever the number of processes.",
+    )
 
     def __post_init__(self) -> None:
         self.losses = _losses(self.losses, "--losses")
