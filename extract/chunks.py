@@ -1,5 +1,6 @@
 """The partial folder of a chunked pass: the plan of chunks, the settings manifest, one file
-per finished chunk, and the assembly of the chunks in row order.
+per finished chunk, and the assembly of the chunks in row order (one chunk in memory at a
+time: the writer streams them into the final file).
 
 Rows are cut into chunks of ``chunk_size`` rows per source file. A finished chunk is one
 ``.npz`` in ``<folder>/.<tag>.partial/`` (temporary name, then rename: a killed run leaves
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,6 @@ MANIFEST = "manifest.json"
 _CHUNK_KEYS = ("bad", "errors")  # what a chunk file holds besides the arrays
 
 Arrays = dict[str, np.ndarray]
-# What the assembly hands the writer: every stored array by name, then by source file.
-Assembled = dict[str, dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -140,14 +139,17 @@ def check_finite(
     raise SplError(f"{what} for {len(rows)} images ({listed}): {hint}")
 
 
-def _read_chunk(path: Path, chunk: Chunk) -> tuple[Arrays, np.ndarray, np.ndarray]:
-    """A chunk file's arrays, bad rows and their errors; a damaged file is removed (the
-    rerun redoes it) and refused."""
+def _read_chunk(
+    path: Path, chunk: Chunk, *, arrays: bool = True
+) -> tuple[Arrays, np.ndarray, np.ndarray]:
+    """A chunk file's arrays (none unless ``arrays``: the bad rows alone are read), bad
+    rows and their errors; a damaged file is removed (the rerun redoes it) and refused."""
     try:
         with np.load(path) as npz:
-            blocks = {k: npz[k] for k in npz.files if k not in _CHUNK_KEYS}
+            names = [k for k in npz.files if k not in _CHUNK_KEYS]
+            blocks = {k: npz[k] for k in names} if arrays else {}
             rows, errors = npz["bad"], npz["errors"]
-        if not blocks:
+        if not names:
             raise ValueError("no arrays")
         for block in blocks.values():
             if block.shape[0] != chunk.rows:
@@ -158,35 +160,77 @@ def _read_chunk(path: Path, chunk: Chunk) -> tuple[Arrays, np.ndarray, np.ndarra
     return blocks, rows, errors
 
 
+@dataclass
+class Assembly:
+    """What a pass's writer gets from a complete partial folder: the shape (rows first) and
+    dtype of every stored array by name, per source file; the bad rows of each source file;
+    and the chunks' arrays in row order (:meth:`blocks`), read one chunk at a time, so that
+    the file is written in memory bounded by a chunk, not by the number of rows."""
+
+    shapes: dict[str, dict[str, tuple[int, ...]]]
+    dtypes: dict[str, np.dtype]
+    bad_rows: dict[str, np.ndarray]
+    partial: Path
+    chunks: list[Chunk]
+
+    def blocks(self) -> Iterator[tuple[str, Arrays]]:
+        """(source file, arrays by name) of each chunk, in row order; a chunk whose arrays
+        differ from the first chunk's is damaged (removed and refused, as a broken file)."""
+        for chunk in self.chunks:
+            path = self.partial / f"{chunk.name}.npz"
+            blocks, _, _ = _read_chunk(path, chunk)
+            for key, block in blocks.items():
+                if key not in self.shapes or block.shape[1:] != self.shapes[key][chunk.source][1:]:
+                    path.unlink()
+                    raise SplError(
+                        f"{path} is damaged (its {key} do not match the other chunks'); "
+                        "removed it: rerun to redo it"
+                    )
+            yield chunk.source, blocks
+            del blocks  # before reading the next chunk
+
+
 def assemble(
     partial: Path,
     chunks: list[Chunk],
     counts: dict[str, int],
     name: Callable[[int], str],
-    write: Callable[[Assembled, dict[str, np.ndarray]], None],
+    write: Callable[[Assembly], None],
 ) -> dict[str, list[tuple[int, str]]]:
-    """Put the chunks in row order, have ``write`` write the file (every array by name and
-    source file, and the bad rows of each source file), drop the partial folder. Returns
-    the bad rows of each source file with their errors."""
+    """Have ``write`` write the file from the chunks in row order (an :class:`Assembly`:
+    every array's shape, the bad rows of each source file, the chunks one at a time), then
+    drop the partial folder. Returns the bad rows of each source file with their errors."""
     missing = [c.name for c in chunks if not (partial / f"{c.name}.npz").is_file()]
     if missing:
         raise SplError(f"{partial} lacks chunks {missing[:5]}; rerun to compute them")
-    arrays: Assembled = {}
     bad_rows: dict[str, list[int]] = {src: [] for src in SOURCES}
     bad: dict[str, list[tuple[int, str]]] = {}
     for chunk in chunks:
-        blocks, rows, errors = _read_chunk(partial / f"{chunk.name}.npz", chunk)
-        for key, block in blocks.items():
-            per_source = arrays.setdefault(key, {})
-            if chunk.source not in per_source:
-                shape = (counts[chunk.source], *block.shape[1:])
-                per_source[chunk.source] = np.empty(shape, block.dtype)
-            per_source[chunk.source][chunk.start : chunk.stop] = block
+        _, rows, errors = _read_chunk(partial / f"{chunk.name}.npz", chunk, arrays=False)
         for row, error in zip(rows.tolist(), errors.tolist(), strict=True):
             bad_rows[chunk.source].append(chunk.start + row)
             bad.setdefault(chunk.source, []).append(
                 (chunk.start + row, f"{name(chunk.offset + row)}: {error}")
             )
-    write(arrays, {src: np.asarray(rows, np.int64) for src, rows in bad_rows.items()})
+    shapes, dtypes = _shapes(partial, chunks, counts)
+    rows = {src: np.asarray(rows, np.int64) for src, rows in bad_rows.items()}
+    write(Assembly(shapes, dtypes, rows, partial, chunks))
     shutil.rmtree(partial)
     return bad
+
+
+def _shapes(
+    partial: Path, chunks: list[Chunk], counts: dict[str, int]
+) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, np.dtype]]:
+    """Every array's shape per source file and its dtype, from each file's first chunk."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    for source in SOURCES:
+        first = next((c for c in chunks if c.source == source), None)
+        if first is None:
+            continue
+        blocks, _, _ = _read_chunk(partial / f"{first.name}.npz", first)
+        for key, block in blocks.items():
+            shapes.setdefault(key, {})[source] = (counts[source], *block.shape[1:])
+            dtypes.setdefault(key, block.dtype)
+    return shapes, dtypes

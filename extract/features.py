@@ -9,13 +9,20 @@ split and observed-label variant reuses it::
     test     [N2, D]
     bad/trainval, bad/test   int64 rows whose image could not be read (``--skip-bad``);
                              their feature rows are NaN and every later stage leaves them out
+
+The ``[N, D]`` datasets are written contiguous and uncompressed, block by block into a
+preallocated dataset (:class:`FeatureWriter`: memory bounded by a block, not by N), so
+that a reader can memory-map them: ``np.memmap(path, dtype, "r", dataset.id.get_offset(),
+shape)``. Files written before that (HDF5-chunked) read the same through h5py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import h5py
 import numpy as np
 
 from spl.data.common import SplError, atomic_path, plain
+from spl.data.labels import row_blocks
 from spl.data.prepared import SOURCES, PreparedDataset
 
 FORMAT = "spl.features"
@@ -72,6 +80,161 @@ class FeatureSet:
         return int(self.features["trainval"].shape[1])
 
 
+# Rows per write when a whole in-memory array is written (write_features, write_scores).
+WRITE_BLOCK_ROWS = 1 << 14
+
+
+class StageFileWriter:
+    """An HDF5 file between stages, written without ever holding its large arrays.
+
+    Each array of ``arrays`` (name -> (shape, dtype)) is preallocated **contiguous and
+    uncompressed** (no HDF5 chunking, so a reader can memory-map it) and filled in row
+    order, a block at a time (:meth:`append`); small datasets are written whole
+    (:meth:`put`). The file is written under a temporary name
+    (:func:`~spl.data.common.atomic_path`) and appears under ``path`` only when
+    :meth:`finish` finds every row written; an error inside the ``with`` block (or leaving
+    it without :meth:`finish`) removes the temporary, leaving any earlier file untouched.
+    An existing ``path`` is refused unless ``force``.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        arrays: dict[str, tuple[tuple[int, ...], np.dtype | str]],
+        *,
+        force: bool = False,
+        what: str = "file",
+    ) -> None:
+        self.path = Path(path)
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path, force=force, what=what))
+        try:
+            self._h5 = self._stack.enter_context(h5py.File(tmp, "w"))
+            self._datasets = {}
+            for name, (shape, dtype) in arrays.items():
+                # no chunks, compression or maxshape: HDF5's contiguous layout
+                self._datasets[name] = self._h5.create_dataset(name, shape=shape, dtype=dtype)
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        self._filled = dict.fromkeys(arrays, 0)
+        self._open = True
+
+    def __enter__(self) -> StageFileWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if not self._open:
+            return
+        if exc_type is None:
+            self.abort()
+            raise RuntimeError(f"{self.path}: the writer was left without finish(); not written")
+        self._open = False
+        self._stack.__exit__(exc_type, exc, traceback)
+
+    def append(self, name: str, block: np.ndarray) -> None:
+        """Write ``block`` as the next rows of the array ``name`` (converted to its dtype
+        as NumPy converts, so values are those of ``block.astype(dtype)``)."""
+        dataset = self._datasets[name]
+        block = np.ascontiguousarray(block, dtype=dataset.dtype)
+        start = self._filled[name]
+        stop = start + len(block)
+        if block.shape[1:] != dataset.shape[1:] or stop > dataset.shape[0]:
+            raise ValueError(
+                f"{self.path}: a block of shape {block.shape} at row {start} does not fit "
+                f"{name} {dataset.shape}"
+            )
+        if len(block):
+            dataset.write_direct(block, dest_sel=np.s_[start:stop])
+        self._filled[name] = stop
+
+    def put(self, name: str, data: np.ndarray) -> None:
+        """A small dataset, written whole."""
+        self._h5.create_dataset(name, data=data)
+
+    def finish(self, attrs: dict) -> Path:
+        """Set the file's attributes, check every row of every array was written, close the
+        file and give it its final name."""
+        short = {
+            name: f"{filled} of {self._datasets[name].shape[0]} rows"
+            for name, filled in self._filled.items()
+            if filled != self._datasets[name].shape[0]
+        }
+        if short:
+            self.abort()
+            raise ValueError(f"{self.path}: arrays not fully written ({short}); not written")
+        self._h5.attrs.update(attrs)
+        self._open = False
+        self._stack.close()  # closes the HDF5 file, then renames it onto its final name
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; ``path`` is left as it was."""
+        if self._open:
+            self._open = False
+            error = RuntimeError("aborted")
+            self._stack.__exit__(RuntimeError, error, None)
+
+
+class FeatureWriter:
+    """A feature file written block by block (the layout: module docstring): ``rows`` per
+    source file, ``dim`` features in ``dtype``. ``append(source, block)`` in row order,
+    then ``finish(bad_rows, **attrs)``; used as a context manager, an error drops the file.
+    The attributes given here and to ``finish`` (known only at the end, e.g. the dataset's
+    fingerprint of an import) must hold tag, backbone, dataset_fingerprint and
+    dataset_name."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        rows: dict[str, int],
+        dim: int,
+        dtype: np.dtype | str,
+        attrs: dict,
+        *,
+        force: bool = False,
+    ) -> None:
+        self.dtype = np.dtype(dtype)
+        self.dim = int(dim)
+        self.attrs = dict(attrs)
+        shapes = {src: ((int(rows[src]), self.dim), self.dtype) for src in SOURCES}
+        self._file = StageFileWriter(path, shapes, force=force, what="feature file")
+        self.path = self._file.path
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._file.__exit__(exc_type, exc, traceback)
+
+    def append(self, source: str, block: np.ndarray) -> None:
+        """The next rows of ``source``'s features."""
+        self._file.append(source, block)
+
+    def finish(self, bad_rows: dict[str, np.ndarray] | None = None, **attrs) -> Path:
+        """Write the bad rows and the attributes (``attrs`` adds to those given first) and
+        give the file its final name."""
+        for src in SOURCES:
+            self._file.put(f"bad/{src}", np.asarray((bad_rows or {}).get(src, []), np.int64))
+        given = {**self.attrs, **attrs}
+        try:
+            _check_attrs(given)
+        except ValueError:
+            self._file.abort()
+            raise
+        return self._file.finish(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "feature_dim": self.dim,
+                "dtype": str(self.dtype),
+                "versions": json.dumps(library_versions()),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **{k: _attr(v) for k, v in given.items()},
+            }
+        )
+
+
 def write_features(
     path: Path,
     features: dict[str, np.ndarray],
@@ -80,32 +243,26 @@ def write_features(
     bad_rows: dict[str, np.ndarray] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a complete feature file atomically (temporary name, then rename)."""
-    required = {"tag", "backbone", "dataset_fingerprint", "dataset_name"}
-    missing = required - set(attrs)
-    if missing:
-        raise ValueError(f"feature attrs lack {sorted(missing)}")
+    """Write a complete feature file from arrays in memory, atomically (temporary name,
+    then rename); :class:`FeatureWriter` writes one without holding the arrays."""
+    _check_attrs(attrs)
     dims = {features[src].shape[1] for src in SOURCES}
     if len(dims) != 1:
         raise SplError(f"{path}: trainval and test features differ in dimension ({dims})")
-    with atomic_path(path, force=force, what="feature file") as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for src in SOURCES:
-                h5.create_dataset(src, data=features[src], chunks=True)
-                rows = np.asarray((bad_rows or {}).get(src, []), dtype=np.int64)
-                h5.create_dataset(f"bad/{src}", data=rows)
-            h5.attrs.update(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "feature_dim": int(dims.pop()),
-                    "dtype": str(features["trainval"].dtype),
-                    "versions": json.dumps(library_versions()),
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    **{k: _attr(v) for k, v in attrs.items()},
-                }
-            )
+    rows = {src: len(features[src]) for src in SOURCES}
+    dtype = features["trainval"].dtype
+    with FeatureWriter(path, rows, dims.pop(), dtype, attrs, force=force) as out:
+        for src in SOURCES:
+            for block in row_blocks(rows[src], WRITE_BLOCK_ROWS):
+                out.append(src, features[src][block])
+        out.finish(bad_rows)
     return path
+
+
+def _check_attrs(attrs: dict) -> None:
+    missing = {"tag", "backbone", "dataset_fingerprint", "dataset_name"} - set(attrs)
+    if missing:
+        raise ValueError(f"feature attrs lack {sorted(missing)}")
 
 
 def _attr(value):

@@ -28,7 +28,7 @@ from spl.data.common import SplError
 from spl.data.prepared import SOURCES, PreparedDataset, load_prepared
 from spl.data.runtime import Processes, default_workers
 from spl.extract.chunks import (
-    Assembled,
+    Assembly,
     Chunk,
     RowNames,
     assemble,
@@ -146,8 +146,9 @@ class ChunkedPass:
     or a dict of named tensors), each ``[B, ...]`` in batch order. A finished chunk's arrays
     are kept in ``dtype``, NaN on its bad rows; NaN or infinite values elsewhere are refused
     with ``invalid`` (who gave them, e.g. 'the backbone gave NaN or infinite features').
-    ``write`` gets every stored array by name and source file, in row order, and the bad
-    rows of each source file, and writes ``final`` atomically. ``settings``: what a resumed
+    ``write`` gets an :class:`~spl.extract.chunks.Assembly` (every stored array's shape
+    per source file, the bad rows of each, the chunks' arrays in row order one chunk at a
+    time) and writes ``final`` atomically, block by block. ``settings``: what a resumed
     run must share with the chunks already written; ``attrs``: the file's attributes, for
     the result; ``batch_size``: the images per batch unless the user gives another.
     """
@@ -158,7 +159,7 @@ class ChunkedPass:
     step: Step
     dtype: str
     invalid: str
-    write: Callable[[Assembled, dict[str, np.ndarray]], None]
+    write: Callable[[Assembly], None]
     batch_size: int
     attrs: dict = field(default_factory=dict)
     done: str = "extracted"  # the verb of the summary line: "extracted 240 images in ..."

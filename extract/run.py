@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from spl.data import protocol
 from spl.data.common import SplError
-from spl.data.prepared import PreparedDataset
+from spl.data.prepared import SOURCES, PreparedDataset
 from spl.data.runtime import Processes
 from spl.extract.backbones import (
     DEFAULT_BACKBONE,
@@ -28,7 +27,13 @@ from spl.extract.backbones import (
     build_resolved,
     resolve_weights,
 )
-from spl.extract.chunks import DEFAULT_CHUNK_SIZE, PARTIAL_FORMAT, check_finite, plan_chunks
+from spl.extract.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    PARTIAL_FORMAT,
+    Assembly,
+    check_finite,
+    plan_chunks,
+)
 from spl.extract.images import (
     DECODE_ROUTES,
     DECODERS,
@@ -78,6 +83,7 @@ __all__ = [
     "run_chunks",
     "run_pass",
     "tile_boxes",
+    "write_feature_file",
 ]
 
 DTYPES = ("float32", "float16")
@@ -275,8 +281,6 @@ def _feature_pass(
 ) -> ChunkedPass:
     """The backbone over every image (decoded on the device where it can be), to a
     feature file in ``dtype``."""
-    from spl.extract.features import write_features
-
     route = decode if decode != "auto" else ("device" if device.type == "cuda" else "pil")
     if route not in DECODE_ROUTES:
         raise SplError(f"--decode {decode}: use auto, {' or '.join(DECODE_ROUTES)}")
@@ -284,12 +288,8 @@ def _feature_pass(
     step = FeatureStep(model, spec, image_size, device, amp=amp, files=files)
     attrs = _attrs(prepared, spec, tag, image_size, route, dtype, step.compute)
 
-    def write(arrays: dict[str, dict[str, np.ndarray]], bad_rows: dict[str, np.ndarray]):
-        count = sum(len(rows) for rows in bad_rows.values())
-        features = arrays["features"]
-        write_features(
-            final, features, {**attrs, "bad_images": count}, bad_rows=bad_rows, force=force
-        )
+    def write(assembly: Assembly) -> None:
+        write_feature_file(final, assembly, attrs, force=force)
 
     return ChunkedPass(
         final,
@@ -302,6 +302,21 @@ def _feature_pass(
         batch_size=128 if step.cuda else 32,
         attrs=attrs,
     )
+
+
+def write_feature_file(final: Path, assembly: Assembly, attrs: dict, *, force: bool) -> Path:
+    """The feature file of a finished pass, streamed from its chunks one at a time (memory
+    bounded by a chunk): ``attrs`` plus the count of bad images."""
+    from spl.extract.features import FeatureWriter
+
+    count = sum(len(rows) for rows in assembly.bad_rows.values())
+    shapes = assembly.shapes["features"]
+    rows = {src: shapes[src][0] for src in SOURCES}
+    dim, dtype = shapes["trainval"][1], assembly.dtypes["features"]
+    with FeatureWriter(final, rows, dim, dtype, {**attrs, "bad_images": count}, force=force) as out:
+        for source, arrays in assembly.blocks():
+            out.append(source, arrays["features"])
+        return out.finish(assembly.bad_rows)
 
 
 # Settings a resumed run must share with the chunks already written.

@@ -23,16 +23,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spl.data.common import SplError
 from spl.data.images import IMAGENET_MEAN, IMAGENET_STD
-from spl.data.prepared import PreparedDataset
+from spl.data.prepared import SOURCES, PreparedDataset
 from spl.data.runtime import Processes
 from spl.extract.backbones import BackboneSpec
+from spl.extract.chunks import Assembly
 from spl.extract.images import Batch, ImageFiles, image_paths
 from spl.extract.passes import (
     ChunkedPass,
@@ -340,21 +340,21 @@ def _score_pass(
 ) -> ChunkedPass:
     """Every image and its tiles, decoded once in the workers, through ``step``, to a
     scores file (float32) that keeps the prompts' text features too."""
-    from spl.extract.scores import write_scores
+    from spl.extract.scores import ScoresWriter
 
     files = ImageFiles(image_paths(prepared), attrs["image_size"], "pil", grid=attrs["grid"])
     text_array = text.cpu().numpy()
 
-    def write(arrays: dict[str, dict[str, np.ndarray]], bad_rows: dict[str, np.ndarray]):
-        write_scores(
-            final,
-            arrays["scores"],
-            attrs,
-            tiles=arrays.get("tiles"),
-            bad_rows=bad_rows,
-            text_features=text_array,
-            force=force,
-        )
+    def write(assembly: Assembly) -> None:
+        shapes = assembly.shapes["scores"]
+        rows = {src: shapes[src][0] for src in SOURCES}
+        tiles = "tiles" in assembly.shapes
+        with ScoresWriter(
+            final, rows, shapes["trainval"][1], attrs, tiles=tiles, force=force
+        ) as out:
+            for source, arrays in assembly.blocks():
+                out.append(source, arrays["scores"], arrays.get("tiles"))
+            out.finish(assembly.bad_rows, text_array)
 
     per_batch = 1024 if step.cuda else 64  # views (image and tiles) per model call
     return ChunkedPass(

@@ -15,7 +15,9 @@ grid) with each class prompt, per source file of the prepared dataset, in its ro
     bad/trainval, bad/test        int64 rows whose image could not be read (``--skip-bad``);
                                   their scores are NaN
 
-Written by ``spl pseudo-labels`` (:mod:`spl.extract.scorer`) or ``spl import-scores``
+The score arrays are written contiguous and uncompressed, block by block into
+preallocated datasets (:class:`ScoresWriter`: memory bounded by a block), as the feature
+file's are (:mod:`spl.extract.features`). Written by ``spl pseudo-labels`` (:mod:`spl.extract.scorer`) or ``spl import-scores``
 (:func:`spl.imported.import_scores`); read by :func:`load_scores`. Turning scores into pseudo-labels
 (softmax with a temperature, thresholds, tile rules) is the losses' business, at training.
 """
@@ -27,12 +29,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from spl.data.common import SplError, atomic_path
+from spl.data.common import SplError
+from spl.data.labels import row_blocks
 from spl.data.prepared import SOURCES, PreparedDataset
 from spl.extract.features import (
+    WRITE_BLOCK_ROWS,
+    StageFileWriter,
     _attr,
     check_tag,
     library_versions,
@@ -71,6 +75,87 @@ class ScoreSet:
         return int(self.scores["trainval"].shape[1])
 
 
+class ScoresWriter:
+    """A scores file written block by block (the layout: module docstring): ``rows`` per
+    source file, ``num_classes`` scores, and with ``tiles`` the ``grid * grid`` tiles' too
+    (``attrs["grid"]``), all float32. ``append(source, scores, tiles)`` in row order, then
+    ``finish(bad_rows, text_features)``; used as a context manager, an error drops the
+    file."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        rows: dict[str, int],
+        num_classes: int,
+        attrs: dict,
+        *,
+        tiles: bool = False,
+        force: bool = False,
+    ) -> None:
+        required = {"tag", "scorer", "dataset_fingerprint", "dataset_name", "classes", "grid"}
+        missing = required - set(attrs)
+        if missing:
+            raise ValueError(f"scores attrs lack {sorted(missing)}")
+        self.attrs = dict(attrs)
+        self.num_classes = int(num_classes)
+        self.tiles = tiles
+        grid = int(attrs["grid"])
+        arrays = {}
+        for src in SOURCES:
+            arrays[src] = ((int(rows[src]), self.num_classes), np.float32)
+            if tiles:
+                arrays[f"tiles/{src}"] = (
+                    (int(rows[src]), grid * grid, self.num_classes),
+                    np.float32,
+                )
+        self._file = StageFileWriter(path, arrays, force=force, what="scores file")
+        self.path = self._file.path
+
+    def __enter__(self) -> ScoresWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._file.__exit__(exc_type, exc, traceback)
+
+    def append(self, source: str, scores: np.ndarray, tiles: np.ndarray | None = None) -> None:
+        """The next rows of ``source``'s scores (and tiles, when the file has them)."""
+        if (tiles is not None) != self.tiles:
+            raise ValueError(f"{self.path}: tiles {'expected' if self.tiles else 'not expected'}")
+        self._file.append(source, scores)
+        if tiles is not None:
+            self._file.append(f"tiles/{source}", tiles)
+
+    def finish(
+        self,
+        bad_rows: dict[str, np.ndarray] | None = None,
+        text_features: np.ndarray | None = None,
+    ) -> Path:
+        """Write the bad rows, the text features and the attributes and give the file its
+        final name."""
+        for src in SOURCES:
+            self._file.put(f"bad/{src}", np.asarray((bad_rows or {}).get(src, []), np.int64))
+        if text_features is not None:
+            self._file.put("text_features", text_features.astype(np.float32))
+        versions = library_versions()
+        if str(self.attrs.get("scorer", "")).startswith("openclip:"):
+            from spl.extract.libraries import OPENCLIP, module_version
+
+            versions["open_clip"] = module_version(OPENCLIP)
+        return self._file.finish(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "num_classes": self.num_classes,
+                "dtype": "float32",
+                "similarity": SIMILARITY,
+                "bad_images": int(sum(len(v) for v in (bad_rows or {}).values())),
+                "versions": json.dumps(versions),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **{k: _attr(v) for k, v in self.attrs.items()},
+            }
+        )
+
+
 def write_scores(
     path: Path,
     scores: dict[str, np.ndarray],
@@ -81,7 +166,8 @@ def write_scores(
     text_features: np.ndarray | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a complete scores file atomically (temporary name, then rename)."""
+    """Write a complete scores file from arrays in memory, atomically (temporary name,
+    then rename); :class:`ScoresWriter` writes one without holding the arrays."""
     required = {"tag", "scorer", "dataset_fingerprint", "dataset_name", "classes", "grid"}
     missing = required - set(attrs)
     if missing:
@@ -96,36 +182,14 @@ def write_scores(
         expected = (scores[src].shape[0], grid * grid, scores[src].shape[1])
         if tiles[src].shape != expected:
             raise SplError(f"{path}: {src} tiles are {tiles[src].shape}, not {expected}")
-    versions = library_versions()
-    if str(attrs.get("scorer", "")).startswith("openclip:"):
-        from spl.extract.libraries import OPENCLIP, module_version
-
-        versions["open_clip"] = module_version(OPENCLIP)
-    with atomic_path(path, force=force, what="scores file") as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for src in SOURCES:
-                h5.create_dataset(src, data=scores[src].astype(np.float32), chunks=True)
-                if tiles is not None:
-                    h5.create_dataset(
-                        f"tiles/{src}", data=tiles[src].astype(np.float32), chunks=True
-                    )
-                rows = np.asarray((bad_rows or {}).get(src, []), dtype=np.int64)
-                h5.create_dataset(f"bad/{src}", data=rows)
-            if text_features is not None:
-                h5.create_dataset("text_features", data=text_features.astype(np.float32))
-            h5.attrs.update(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "num_classes": int(classes.pop()),
-                    "dtype": "float32",
-                    "similarity": SIMILARITY,
-                    "bad_images": int(sum(len(v) for v in (bad_rows or {}).values())),
-                    "versions": json.dumps(versions),
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    **{k: _attr(v) for k, v in attrs.items()},
-                }
-            )
+    rows = {src: len(scores[src]) for src in SOURCES}
+    with ScoresWriter(
+        path, rows, classes.pop(), attrs, tiles=tiles is not None, force=force
+    ) as out:
+        for src in SOURCES:
+            for block in row_blocks(rows[src], WRITE_BLOCK_ROWS):
+                out.append(src, scores[src][block], None if tiles is None else tiles[src][block])
+        out.finish(bad_rows, text_features)
     return path
 
 

@@ -395,3 +395,84 @@ def test_import_commands_name_a_missing_or_undecodable_file_in_the_api(demo_smal
     given = {k.replace("-", "_"): v for k, v in files.items() if "scores" not in k}
     with pytest.raises(SplError, match=r"cannot read class names from .*classes\.txt"):
         import_arrays(tmp_path / "mine", classes_file=tmp_path / "classes.txt", **given)
+
+
+def _import_args(files, **replaced):
+    given = {f"--{n}": files[n] for n in ("train-features", "train-labels")}
+    given |= {f"--{n}": files[n] for n in ("test-features", "test-labels")}
+    given |= {f"--{option.replace('_', '-')}": path for option, path in replaced.items()}
+    return [a for pair in given.items() for a in pair]
+
+
+def test_import_features_refuses_bad_content_in_any_block_leaving_nothing(
+    tmp_path, runner, monkeypatch
+):
+    """Arrays are read in blocks (here of 4 rows): a NaN row or a label that is not 0/1 is
+    refused wherever it lies, the rows named as when the arrays were read whole, and the
+    refusal leaves no file and no folder behind."""
+    import spl.imported
+
+    monkeypatch.setattr(spl.imported, "BLOCK_BYTES", 4 * 4 * 4)  # 4 rows of 4 features
+    files = _user_files(tmp_path)
+    features = np.load(files["train-features"])
+    features[[3, 17, 18, 40, 41]] = np.nan
+    output = _fail(runner, "import-features", tmp_path / "mine", *_import_args(
+        files, train_features=_save(tmp_path, "nan5", features)))  # fmt: skip
+    assert "nan5.npy: NaN or infinite features in rows 3, 17, 18, 40, 41" in output
+    assert "..." not in output
+    features[150, 2] = np.inf
+    output = _fail(runner, "import-features", tmp_path / "mine", *_import_args(
+        files, train_features=_save(tmp_path, "nan6", features)))  # fmt: skip
+    assert "nan6.npy: NaN or infinite features in rows 3, 17, 18, 40, 41 ..." in output
+    labels = np.load(files["test-labels"]).astype(np.int64)
+    labels[57, 3] = 2
+    output = _fail(runner, "import-features", tmp_path / "mine", *_import_args(
+        files, test_labels=_save(tmp_path, "two", labels)))  # fmt: skip
+    assert "two.npy: labels must be 0/1 (row 57 is not)" in output
+    output = _fail(runner, "import-features", tmp_path / "mine", *_import_args(
+        files, test_features=_save(tmp_path, "wide", np.zeros((80, 5)))))  # fmt: skip
+    assert "differ in feature dimension" in output
+    output = _fail(runner, "import-features", tmp_path / "mine", *_import_args(
+        files, test_labels=_save(tmp_path, "narrow", np.zeros((80, 9)))))  # fmt: skip
+    assert "differ in the number of classes" in output
+    output = _fail(runner, "import-features", tmp_path / "mine", *_import_args(
+        files, test_labels=_save(tmp_path, "short", np.zeros((79, 10)))))  # fmt: skip
+    assert "test-features.npy has 80 rows but" in output and "short.npy has 79" in output
+    assert not (tmp_path / "mine").exists()
+
+
+def test_import_scores_refuses_non_finite_scores_in_any_block_leaving_nothing(
+    demo_small, tmp_path, runner, monkeypatch
+):
+    import shutil
+
+    import spl.imported
+
+    monkeypatch.setattr(spl.imported, "BLOCK_BYTES", 8 * 10 * 4)  # 8 rows of 10 scores
+    dataset = tmp_path / "demo"
+    shutil.copytree(demo_small, dataset, ignore=shutil.ignore_patterns("features", "scores"))
+    files = _user_files(tmp_path)
+    scores = np.load(files["train-scores"])
+    scores[[5, 70, 71, 150]] = np.nan
+    bad = _save(tmp_path, "bad-scores", scores)
+    output = _fail(runner, "import-scores", dataset, "--train", bad, "--test", files["test-scores"])
+    prepared = load_prepared(dataset)
+    from spl.extract.features import split_row_name
+
+    named = [f"row {r} ({split_row_name(prepared, 'trainval', r).split(' (')[0]})"
+             for r in (5, 70, 71)]  # fmt: skip
+    assert f"bad-scores.npy: NaN or infinite scores in {', '.join(named)} and 1 more" in output
+    tiles = np.zeros((80, 4, 10))
+    tiles[79, 3, 9] = -np.inf
+    args = ["--train-tiles", _save(tmp_path, "tiles", np.zeros((160, 4, 10))),
+            "--test-tiles", _save(tmp_path, "bad-tiles", tiles)]  # fmt: skip
+    output = _fail(runner, "import-scores", dataset, "--train", files["train-scores"],
+                   "--test", files["test-scores"], *args)  # fmt: skip
+    assert "bad-tiles.npy: NaN or infinite scores in row 79" in output and "more" not in output
+    assert not (dataset / "scores").exists()
+
+
+def _save(folder, name, array):
+    path = folder / f"{name}.npy"
+    np.save(path, array)
+    return path

@@ -90,6 +90,14 @@ def test_feature_file_rows_follow_the_prepared_dataset(demo, runner, reference_6
     for source in ("trainval", "test"):
         np.testing.assert_allclose(features[source], reference_64[source], rtol=1e-4, atol=1e-5)
     assert load_features(prepared, LITE0_64).dim == 1280
+    # Contiguous, uncompressed datasets: memory-mapped at their offset, the same values.
+    path = demo / "features" / f"{LITE0_64}.h5"
+    with h5py.File(path) as h5:
+        layout = {src: (h5[src].chunks, h5[src].id.get_offset()) for src in features}
+    for source, (chunks, offset) in layout.items():
+        assert chunks is None
+        mapped = np.memmap(path, np.float32, "r", offset, features[source].shape)
+        assert np.array_equal(mapped, features[source])
 
 
 def test_batches_on_the_device_equal_the_paper_transform(demo, tmp_path):

@@ -157,6 +157,11 @@ def test_scores_rows_and_tiles_equal_the_model_on_each_image(demo, runner, tiny_
         np.testing.assert_allclose(scores[f"tiles/{source}"][row], expected[1:], atol=2e-5)
     with h5py.File(path) as h5:
         np.testing.assert_allclose(h5["text_features"][()], text, atol=1e-6)
+        layout = {name: (h5[name].chunks, h5[name].id.get_offset()) for name in scores}
+    for name, (chunks, offset) in layout.items():  # contiguous: memory-mapped, the same values
+        assert chunks is None
+        mapped = np.memmap(path, np.float32, "r", offset, scores[name].shape)
+        assert np.array_equal(mapped, scores[name])
     loaded = load_scores(prepared, tag)
     assert loaded.grid == 3 and np.array_equal(loaded.tiles["test"], scores["tiles/test"])
     assert loaded.text_features.shape == (10, 24)
