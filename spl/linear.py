@@ -36,10 +36,10 @@ from spl.linear_shards import (
     canonical_order,
     history_in_order,
     history_name,
-    progress,
     saved_units,
     sweep_units,
     unit_fit,
+    unit_progress,
 )
 from spl.runs import CHECKPOINT, CONFIG, HISTORY, Run
 from spl.settings import LinearSettings
@@ -122,38 +122,35 @@ def _run_linear(
         "feature_tag": tag,
         "feature_attrs": {k: feature_attrs.get(k) for k in FEATURE_ATTRS},
     }
-    record = inputs.record(source, runtime={"device": str(procs.device), "processes": procs.world})
+    runtime = {"device": str(procs.device)}
+    if procs.world > 1:
+        runtime["processes"] = procs.world
+    record = inputs.record(source, runtime=runtime)
     parent = Path(out_root) / prepared.name / tag
     run = open_run(inputs, parent, "linear", record, resume=resume, run_file=run_file,
                    procs=procs if procs.world > 1 else None)  # fmt: skip
     procs.together(lambda: _check_shared(run, procs))
     pseudo_summary = write_pseudo_labels(run, inputs)
-    # Every unit's progress, whichever number of processes saved it; a run killed before
-    # a unit's first checkpoint trains that unit from the beginning.
-    saved = saved_units(run, units, settings.lrs)
     mine = [index for index, owner in enumerate(owners) if owner == procs.rank]
-    _restart_history(run, procs, units, mine, saved)
+    # Every unit's progress, whichever number of processes saved it (every rank reads
+    # every file before any rank writes its own); a run killed before a unit's first
+    # checkpoint trains that unit from the beginning.
+    saved = procs.together(lambda: saved_units(run, units, settings.lrs))
+    checkpoints = ShareCheckpoints(
+        run, procs.rank, {units[i].key: saved[units[i].key] for i in mine if units[i].key in saved}
+    )
+    procs.together(lambda: _restart_share(run, procs, units, mine, saved, checkpoints))
     if procs.rank == 0:
         _note_left_out(inputs, log)
         _note_processes(units, owners, procs.world, log)
     bar = _progress_bar(units, mine, saved, len(inputs.rows["train"]), settings.epochs,
                         progress and procs.rank == 0)  # fmt: skip
     laps.lap("open_run")
-    checkpoints = ShareCheckpoints(
-        run, procs.rank, {k: e["fit"] for k, e in saved.items() if "fit" in e}
-    )
+    live_history = history_name(procs.rank, procs.world)
     fits, timings = procs.together(
         lambda: fit_heads(
-            inputs,
-            features,
-            procs.device,
-            units,
-            mine,
-            saved,
-            checkpoints,
-            history_name(procs.rank, procs.world),
-            bar,
-        )  # fmt: skip
+            inputs, features, procs.device, units, mine, saved, checkpoints, live_history, bar
+        )
     )
     if bar is not None:
         bar.close()
@@ -161,18 +158,39 @@ def _run_linear(
     gathered = procs.gather_in_order(owners, fits)
     if procs.world > 1:
         laps.lap("gather")
-    if gathered is not None:  # rank 0
-        fitted = merge_fits(units, gathered, timings)
-        write_results(run, inputs, tag, fitted, pseudo_summary)
-        heads = [_entry_heads({"fit": fit}) for fit in gathered]
-        rows = history_in_order(units, heads, [fit["history"] for fit in gathered])
-        run.write_text(HISTORY, _jsonl(rows))
-        _remove_share_files(run)
-        laps.lap("write_results")
-        shares = _shares(units, owners, gathered, procs.world)
-        run.complete(train_seconds=round(fitted.train_seconds, 2), timings=laps.record(),
-                     **shares)  # fmt: skip
+    procs.together(
+        lambda: _write_run(run, inputs, tag, units, owners, gathered, timings, pseudo_summary,
+                           laps, procs.world),
+        everyone=False,
+    )  # fmt: skip
     return run.path
+
+
+def _write_run(
+    run: Run,
+    inputs: TrainingInputs,
+    tag: str,
+    units: list[Unit],
+    owners: list[int],
+    fits: list[dict],
+    timings: dict[str, float],
+    pseudo_summary: str,
+    laps: Laps,
+    world: int,
+) -> None:
+    """Rank 0: the run a single process writes, from every unit's fit (in the units'
+    order); then the processes' own files go."""
+    fitted = merge_fits(units, fits, timings)
+    write_results(run, inputs, tag, fitted, pseudo_summary)
+    heads = [_entry_heads({"fit": fit}) for fit in fits]
+    run.write_text(HISTORY, _jsonl(history_in_order(units, heads, [f["history"] for f in fits])))
+    laps.lap("write_results")
+    shares = _shares(units, owners, fits, world)
+    run.complete(train_seconds=round(fitted.train_seconds, 2), timings=laps.record(),
+                 **shares)  # fmt: skip
+    # After the run is marked complete: a kill before this leaves a resumable run whose
+    # every unit is saved somewhere; a kill after, at worst files a finished run ignores.
+    _remove_share_files(run)
 
 
 def _check_shared(run: Run, procs: Processes) -> None:
@@ -226,12 +244,20 @@ def _shares(units: list[Unit], owners: list[int], fits: list[dict], world: int) 
     }
 
 
-def _restart_history(
-    run: Run, procs: Processes, units: list[Unit], mine: list[int], saved: dict[str, dict]
+def _restart_share(
+    run: Run,
+    procs: Processes,
+    units: list[Unit],
+    mine: list[int],
+    saved: dict[str, dict],
+    checkpoints: ShareCheckpoints,
 ) -> None:
-    """Each process's live history as of its units' checkpoints (rows written after one, by
-    a kill before the next, are dropped); rank 0 removes the live files of a run's earlier
-    processes that this job has no rank for."""
+    """A process's files as of its units' saved progress: its checkpoint file holds what
+    any file saved of its units (a resume with another number of processes), its live
+    history those units' rows (rows written after a checkpoint, by a kill before the next,
+    are dropped). Rank 0 removes the live histories this job has no rank for."""
+    if checkpoints.entries:
+        checkpoints.write()
     if procs.rank == 0:
         ours = {history_name(rank, procs.world) for rank in range(procs.world)}
         stale = [HISTORY, *(p.name for p in run.path.glob("history.rank*.jsonl"))]
@@ -242,9 +268,7 @@ def _restart_history(
     heads = [_entry_heads(entry) for _, entry in entries]
     histories = [_entry_history(entry) for _, entry in entries]
     rows = history_in_order([u for u, _ in entries], heads, histories)
-    Run(run.path, run.config, writes=True).reset_history(
-        rows, history_name(procs.rank, procs.world)
-    )
+    checkpoints.writer.reset_history(rows, history_name(procs.rank, procs.world))
 
 
 def _entry_heads(entry: dict) -> list[HeadConfig]:
@@ -258,7 +282,7 @@ def _entry_history(entry: dict) -> list[dict]:
 
 def _remove_share_files(run: Run) -> None:
     """The processes' own files, once rank 0 has written the run (the checkpoint of rank 0
-    goes with :meth:`Run.complete`)."""
+    went with :meth:`Run.complete`)."""
     for path in [*run.path.glob("checkpoint.rank*.pt"), *run.path.glob("history.rank*.jsonl")]:
         run.remove(path.name)
 
@@ -473,7 +497,7 @@ def _progress_bar(
         unit = units[index]
         steps = num_rows // unit.batch_size
         total += steps * epochs
-        finished = progress(saved.get(unit.key))
+        finished = unit_progress(saved.get(unit.key))
         done += steps * (epochs if finished == float("inf") else max(int(finished), 0))
     return tqdm(total=total, initial=done, unit="step", desc="fit-linear", leave=False)
 

@@ -5,22 +5,27 @@ A *unit* is one engine group, a grid :class:`~spl.fit.engine.StackedHeads` train
 (seed, batch size) with every lr and the losses of one part (``--loss-parts``: the losses of
 each (seed, batch size) split into parts of about equal work; 1, the default, keeps every
 loss in one group, the engine's own grouping). A head's arithmetic depends on which heads
-share its group (its matrix products and reductions are over the group's width: measured on
-the CPU, one group of nine losses against two of four and five changes the last bits of
-some heads), and on nothing else: a group trained alone, in another process, with other
-groups before it or none, gives the same bits. So the units are fixed by the grid and
-``--loss-parts``, never by the number of processes, and a run is identical whatever that
-number is.
+share its group (its matrix products and reductions are over the group's width: on the CPU,
+one group of nine losses against two of four and five changes the last bits of some
+heads), and on nothing else: a group trained alone, in another process, with other groups
+before it or none, gives the same bits (the batches and the initial weights are functions
+of the seed alone: :func:`spl.fit.heads.epoch_permutation`, :func:`~spl.fit.heads.initial_head`).
+So the units are fixed by the grid and ``--loss-parts``, never by the number of processes,
+and a run is identical whatever that number is; ``--loss-parts 1`` is the single process
+of earlier versions, bit for bit.
 
 The units go to the processes by work, largest first, each to the least loaded process
-(:func:`assign`); work is (weight entries + trainable state entries) x steps, which counts
-ROLE's estimator (one trainable logit per training row and class) where the weights alone
-would not. Each process keeps its units' progress in its own checkpoint file (rank 0
-``checkpoint.pt``, rank r ``checkpoint.rank<r>.pt``): a finished unit as its results, the
-unit in training as its engine state. A resumed run reads every checkpoint file there is,
-so it may resume with another number of processes, a single process included
-(:func:`saved_units`). Rank 0 gathers the finished units (:meth:`Processes.gather_in_order`)
-and writes the run in the order of :func:`canonical_order`.
+(:func:`assign`); work is (weight entries + trainable state entries) x lrs x steps, which
+counts ROLE's estimator (one trainable logit per training row and class, all updated by
+Adam each step) where the weights alone would not. Each process keeps its units' progress
+in its own checkpoint file (rank 0 ``checkpoint.pt``, rank r ``checkpoint.rank<r>.pt``): a
+finished unit as its results, a unit in training as its engine state. A resumed run reads
+every checkpoint file there is, each unit where it went furthest (:func:`saved_units`), so
+it may resume with another number of processes, a single process included: each process
+first writes its own units' saved progress into its own file (:class:`ShareCheckpoints`),
+and files of ranks the job does not have are only read (removed once the run is done).
+Rank 0 gathers the finished units (:meth:`~spl.data.runtime.Processes.gather_in_order`) and
+writes the run in the order of :func:`canonical_order`.
 """
 
 from __future__ import annotations
@@ -66,13 +71,14 @@ def head_entries(loss: Loss, rows: int, features: int, classes: int) -> int:
     return (features + 1) * classes + len(loss.trainable) * rows * classes
 
 
-def check_loss_parts(parts: object, losses: Sequence[str]) -> int:
-    """``--loss-parts``: an integer from 1 to the number of losses (each part needs one)."""
+def check_loss_parts(parts: object, losses: Sequence[str], option: str = "--loss-parts") -> int:
+    """``--loss-parts``: an integer from 1 to the number of losses (each part needs one);
+    ``option`` names where it was set in the message (the flag, or a --config file's key)."""
     if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= len(losses):
         raise SplError(
-            f"--loss-parts {parts!r} is outside its range 1..{len(losses)}: each part of a "
-            f"group needs a loss, and this run trains {len(losses)} "
-            f"({', '.join(losses)})"
+            f"{option} {parts!r} is outside its range 1..{len(losses)}: each part of a "
+            f"(seed, batch size) group needs a loss, and this run trains {len(losses)} "
+            f"({', '.join(losses)}); give at most {len(losses)}"
         )
     return parts
 
@@ -174,7 +180,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     return sorted(p for p in [path / CHECKPOINT, *path.glob("checkpoint.rank*.pt")] if p.is_file())
 
 
-def progress(entry: dict | None) -> float:
+def unit_progress(entry: dict | None) -> float:
     """How far a saved unit is: finished, or the epochs its state has done."""
     if entry is None:
         return -1.0
@@ -200,7 +206,7 @@ def saved_units(run: Run, units: Sequence[Unit], lrs: Sequence[float]) -> dict[s
                     f"{path} holds the engine group {key!r}, which this run does not train "
                     "(its --loss-parts or grid differ): it is not this run's checkpoint"
                 )
-            if progress(entry) > progress(found.get(key)):
+            if unit_progress(entry) > unit_progress(found.get(key)):
                 found[key] = entry
     return found
 
@@ -222,29 +228,36 @@ def _whole_grid(saved: dict, units: Sequence[Unit], lrs: Sequence[float], path: 
 
 
 class ShareCheckpoints:
-    """A rank's checkpoint file: its finished units' results and the state of the unit in
-    training, the file rewritten whole (atomically) each time. Every rank writes its own
-    files only (``writer``: the run, writing on any rank)."""
+    """A rank's checkpoint file: the saved progress of its units (a finished unit's results,
+    the engine state of one in training or interrupted), the file rewritten whole
+    (atomically) each time. Every rank writes its own file only (``writer``: the run,
+    writing on any rank); ``saved``: its units' progress found at the start."""
 
-    def __init__(self, run: Run, rank: int, finished: Mapping[str, dict]) -> None:
+    def __init__(self, run: Run, rank: int, saved: Mapping[str, dict]) -> None:
         self.writer = Run(run.path, run.config, writes=True)
         self.name = checkpoint_name(rank)
-        self.finished = dict(finished)
+        self.entries = dict(saved)
         self.current: str | None = None
 
     def pack(self, model) -> dict:
         """What the file holds after an epoch of ``model`` (the current unit's engine)."""
-        units = {key: {"fit": fit} for key, fit in self.finished.items()}
+        units = dict(self.entries)
         if self.current is not None and model is not None:
             units[self.current] = {"state": model.state_dict()}
         return {"units": units}
 
+    def write(self) -> None:
+        """The file as of now: at the start of a resumed job, its units' progress gathered
+        from whichever files held it (a later rewrite of those files by their own ranks
+        then loses nothing)."""
+        self.writer.save(self.name, self.pack(None))
+
     def finish(self, key: str, fit: dict) -> None:
         """A unit is done: its results replace its state in the file, written now (a resume
         then never trains it again)."""
-        self.finished[key] = fit
+        self.entries[key] = {"fit": fit}
         self.current = None
-        self.writer.save(self.name, self.pack(None))
+        self.write()
 
 
 def unit_fit(model, results: list[dict], per_class_ap: list, timings: dict) -> dict:
