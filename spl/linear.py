@@ -185,7 +185,7 @@ def _write_run(
     heads = [_entry_heads({"fit": fit}) for fit in fits]
     run.write_text(HISTORY, _jsonl(history_in_order(units, heads, [f["history"] for f in fits])))
     laps.lap("write_results")
-    shares = _shares(units, owners, fits, world)
+    shares = _shares(run, units, owners, fits, world)
     run.complete(train_seconds=round(fitted.train_seconds, 2), timings=laps.record(),
                  **shares)  # fmt: skip
     # After the run is marked complete: a kill before this leaves a resumable run whose
@@ -225,23 +225,23 @@ def _note_processes(units: list[Unit], owners: list[int], world: int, log) -> No
         )
 
 
-def _shares(units: list[Unit], owners: list[int], fits: list[dict], world: int) -> dict:
-    """What config.json records of a torchrun job: each rank's units and training time."""
-    if world == 1:
-        return {}
-    return {
-        "shares": [
+def _shares(run: Run, units: list[Unit], owners: list[int], fits: list[dict], world: int) -> dict:
+    """What config.json records of a torchrun job that finished the run: its number of
+    processes and each rank's units and training time."""
+    if world == 1:  # a run torchrun started, finished by a single process, says so
+        return {"processes": 1} if "processes" in run.config else {}
+    shares = []
+    for rank in range(world):
+        theirs = [i for i, owner in enumerate(owners) if owner == rank]
+        seconds = sum(fits[i]["train_seconds"] for i in theirs)
+        shares.append(
             {
                 "rank": rank,
-                "units": [u.key for u, o in zip(units, owners, strict=True) if o == rank],
-                "train_seconds": round(
-                    sum(f["train_seconds"] for f, o in zip(fits, owners, strict=True) if o == rank),
-                    2,
-                ),
+                "units": [units[i].key for i in theirs],
+                "train_seconds": round(seconds, 2),
             }
-            for rank in range(world)
-        ]
-    }
+        )
+    return {"processes": world, "shares": shares}
 
 
 def _restart_share(

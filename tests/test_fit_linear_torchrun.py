@@ -1,0 +1,283 @@
+"""`spl fit-linear` under torchrun (2 processes, gloo on the CPU): the run its rank 0 writes
+is the single process's, file for file; a killed job resumes to it, with the same or
+another number of processes; the units of work go to the processes by work; --loss-parts
+is checked however it is set."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spl.data.common import SplError
+from spl.fit.losses import Context, make_losses
+from spl.linear_shards import Unit, assign, loss_partition, sweep_units
+from spl.runs import read_csv
+from spl.settings import LinearSettings
+
+from conftest import invoke
+
+# Files a finished run holds whose bytes must be the single process's (config.json differs
+# in its times, its command line and its record of the processes).
+SAME_BYTES = ("results.csv", "per_class_ap.csv", "history.jsonl", "summary.md")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process runs on one thread, as torchrun's processes with OMP_NUM_THREADS=1
+    (on a busy 2-core machine, two threads per tiny product spin more than they compute)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small imported dataset: 240 train, 60 val, 120 test rows, 16 features, 5 classes."""
+    from click.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("torchrun_data")
+    rng = np.random.RandomState(3)
+    centers = rng.randn(5, 16)
+    args = ["import-features", tmp / "ds" / "mine"]
+    for split, n in (("train", 300), ("test", 120)):
+        labels = (rng.rand(n, 5) < 0.3).astype(np.uint8)
+        labels[np.arange(n), rng.randint(0, 5, n)] = 1
+        features = (labels @ centers + 0.8 * rng.randn(n, 16)).astype(np.float32)
+        np.save(tmp / f"{split}_f.npy", features)
+        np.save(tmp / f"{split}_l.npy", labels)
+        args += [f"--{split}-features", tmp / f"{split}_f.npy"]
+        args += [f"--{split}-labels", tmp / f"{split}_l.npy"]
+    invoke(CliRunner(), args)
+    return tmp / "ds" / "mine"
+
+
+def _fit_args(dataset: Path, out: Path, *extra) -> list[str]:
+    return [str(a) for a in ("fit-linear", dataset, "--features", "imported", "--out", out,
+                             "--quiet", *extra)]  # fmt: skip
+
+
+def _torchrun_command(args: list[str], processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(processes), "-m", "spl", *args]  # fmt: skip
+
+
+def _torchrun(args: list[str], cwd: Path, processes: int = 2) -> str:
+    done = subprocess.run(
+        _torchrun_command(args, processes), cwd=cwd, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _only_run(out: Path) -> Path:
+    (run,) = (out / "mine" / "imported").iterdir()
+    return run
+
+
+def _assert_same_run(single: Path, distributed: Path) -> None:
+    """The distributed run is the single process's: the same bytes, the same tensors, the
+    same settings, and none of the processes' own files left."""
+    for name in SAME_BYTES:
+        assert (distributed / name).read_bytes() == (single / name).read_bytes(), name
+    one = torch.load(single / "heads.pt", weights_only=True)
+    two = torch.load(distributed / "heads.pt", weights_only=True)
+    assert list(one) == list(two) and one["names"] == two["names"]
+    for key in ("weight", "bias", "best_epoch", "train_rows"):
+        assert torch.equal(one[key], two[key]), key
+    assert list(one["state"]) == list(two["state"])  # ROLE's estimates, head by head
+    for head, state in one["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, two["state"][head][name]), (head, name)
+    configs = [json.loads((run / "config.json").read_text()) for run in (single, distributed)]
+    assert configs[0]["settings"] == configs[1]["settings"]
+    assert {p.name for p in distributed.iterdir()} == {p.name for p in single.iterdir()}
+
+
+# ----------------------------------------------------------------------------- units of work
+
+
+def test_units_are_the_engine_groups_and_go_to_the_processes_by_work():
+    """Work per head and step is its weights and biases plus its trainable per-row state
+    (ROLE: one logit per training row and class); each (seed, batch size)'s losses split
+    into parts of about equal work, and the units, largest first, each to the least
+    loaded process."""
+    losses = make_losses(["an", "role", "epr"], None, Context(4, 2.0, None, None))
+    settings = LinearSettings(losses=list(losses), lrs=[1e-2, 1e-3], batch_sizes=[10, 20],
+                              epochs=3)  # fmt: skip
+    # an, epr: (9 + 1) x 4 = 40 entries; role: 40 + 100 x 4 = 440; 2 lrs; steps:
+    # 100 // 10 x 3 = 30 and 100 // 20 x 3 = 15.
+    whole = sweep_units(settings, losses, rows=100, features=9, classes=4)
+    assert [(u.key, u.losses, u.work) for u in whole] == [
+        ("s0_bs10", ("an", "epr", "role"), 2 * 520 * 30),
+        ("s0_bs20", ("an", "epr", "role"), 2 * 520 * 15),
+    ]
+    assert assign(whole, 2) == [0, 1] and assign(whole, 1) == [0, 0]
+    assert assign(whole, 3) == [0, 1]  # a process may have nothing to train
+    # two parts: role alone (440), an and epr (80)
+    assert loss_partition({"an": 40, "role": 440, "epr": 40}, 2) == [("role",), ("an", "epr")]
+    settings.loss_parts = 2
+    parts = sweep_units(settings, losses, rows=100, features=9, classes=4)
+    assert [(u.key, u.work) for u in parts] == [
+        ("s0_bs10_part1of2", 2 * 440 * 30), ("s0_bs10_part2of2", 2 * 80 * 30),
+        ("s0_bs20_part1of2", 2 * 440 * 15), ("s0_bs20_part2of2", 2 * 80 * 15),
+    ]  # fmt: skip
+    # 26400 -> rank 0; 13200 -> rank 1; 4800 -> rank 1 (13200 < 26400): 18000;
+    # 2400 -> rank 1: 20400 against rank 0's 26400
+    assert assign(parts, 2) == [0, 1, 1, 1]
+
+
+def test_assignment_balances_by_work_with_ties_to_the_lower_rank():
+    def units(works):
+        return [Unit(0, 8, ("an",), i, 0, 1, float(w)) for i, w in enumerate(works)]
+
+    # 5 -> r0; 4 -> r1; 3 -> r1 (4 < 5): 7; 3 -> r0 (5 < 7): 8; 3 -> r1 (7 < 8): 10
+    assert assign(units([5, 4, 3, 3, 3]), 2) == [0, 1, 1, 0, 1]
+    # largest first whatever the order given, ties to the earlier unit and the lower rank:
+    # 6 -> r0; 2 (unit 3) -> r1; 2 (unit 4) -> r2; 1 (unit 0) -> r1 (2 = 2): 3; 1 -> r2
+    assert assign(units([1, 1, 6, 2, 2]), 3) == [1, 2, 0, 1, 2]
+    assert assign(units([2, 2, 2, 2]), 2) == [0, 1, 0, 1]
+
+
+def test_loss_parts_out_of_range_are_refused(dataset, tmp_path, runner):
+    out = tmp_path / "runs"
+    three = ("--losses", "an,role,epr", "--epochs", 1)
+    result = invoke(runner, _fit_args(dataset, out, *three, "--loss-parts", 4), ok=False)
+    assert "--loss-parts 4 is outside its range 1..3" in result.output
+    assert "trains 3 (an, role, epr)" in result.output
+    result = invoke(runner, _fit_args(dataset, out, *three, "--loss-parts", 0), ok=False)
+    assert "--loss-parts must be >= 1, got 0" in result.output
+    config = tmp_path / "fit.toml"
+    for value, message in ((4, "loss_parts 4 is outside its range 1..3"),
+                           (0, "loss_parts must be >= 1, got 0"),
+                           (1.5, "loss_parts takes an integer, got 1.5")):  # fmt: skip
+        config.write_text(f"loss_parts = {value}\nlosses = 'an,role,epr'\n")
+        result = invoke(runner, _fit_args(dataset, out, "--config", config), ok=False)
+        assert f"{config}: {message}" in result.output, result.output
+    assert not out.exists()  # refused before a run directory exists
+    from spl.linear import run_linear
+
+    for parts in (0, 4, True, 1.5):
+        settings = LinearSettings(losses=["an", "role", "epr"], epochs=1, loss_parts=parts)
+        with pytest.raises(SplError, match="--loss-parts .* is outside its range 1..3"):
+            run_linear(dataset, "imported", settings, out, progress=False)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+# Two groups (batch sizes 8 and 16); epochs enough that a kill after the first
+# checkpoints lands before the end.
+TWO_GROUPS = ("--losses", "an,role,epr", "--lrs", "1e-2,1e-3", "--batch-sizes", "8,16",
+              "--epochs", 40)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_run(dataset, tmp_path_factory):
+    """The single process's run of TWO_GROUPS."""
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("single")
+    invoke(CliRunner(), _fit_args(dataset, out, *TWO_GROUPS))
+    return _only_run(out)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_run(dataset, single_run, tmp_path):
+    output = _torchrun(_fit_args(dataset, tmp_path / "runs", *TWO_GROUPS), tmp_path)
+    run = _only_run(tmp_path / "runs")
+    _assert_same_run(single_run, run)
+    assert output.count("run: ") == 1 and output.count("ROLE ") == 1  # rank 0 alone prints
+    assert "2 engine groups over 2 processes" in output
+    config = json.loads((run / "config.json").read_text())
+    assert config["processes"] == 2
+    assert [share["units"] for share in config["shares"]] == [["s0_bs8"], ["s0_bs16"]]
+
+
+@pytest.mark.slow
+def test_one_group_split_by_loss_parts_equals_one_process_with_the_same_parts(
+    dataset, tmp_path, runner
+):
+    args = ("--losses", "an,role,epr,iun", "--lrs", "1e-2,1e-3", "--batch-sizes", "8",
+            "--epochs", 4, "--loss-parts", 2)  # fmt: skip
+    invoke(runner, _fit_args(dataset, tmp_path / "single", *args))
+    _torchrun(_fit_args(dataset, tmp_path / "runs", *args), tmp_path)
+    run = _only_run(tmp_path / "runs")
+    _assert_same_run(_only_run(tmp_path / "single"), run)
+    shares = json.loads((run / "config.json").read_text())["shares"]
+    # ROLE (with its per-row estimator) is the heavier part: alone on rank 0
+    assert [share["units"] for share in shares] == [["s0_bs8_part1of2"], ["s0_bs8_part2of2"]]
+    assert len(read_csv(run / "results.csv")) == 4 * 2
+
+
+def _kill_when_checkpointed(process: subprocess.Popen, out: Path, timeout: float = 120) -> Path:
+    """SIGKILL a torchrun job (its agent and its workers, each in a session of its own) as
+    soon as both ranks have written a checkpoint; returns the run directory."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        runs = list(out.glob("mine/imported/linear-*"))
+        if runs and all((runs[0] / name).exists() for name in ("checkpoint.pt", "checkpoint.rank1.pt")):  # fmt: skip
+            workers = _children(process.pid)
+            for pid in [process.pid, *workers]:
+                os.kill(pid, signal.SIGKILL)
+            process.wait()
+            for pid in workers:  # gone before the run is resumed
+                while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+                    time.sleep(0.01)
+            return runs[0]
+        time.sleep(0.01)
+    raise AssertionError("the job ended before both ranks had written a checkpoint")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_to_the_same_run_with_two_processes_or_one(
+    dataset, single_run, tmp_path, runner
+):
+    out = tmp_path / "runs"
+    process = subprocess.Popen(
+        _torchrun_command(_fit_args(dataset, out, *TWO_GROUPS)), cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    run = _kill_when_checkpointed(process, out)
+    assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
+    assert {"history.rank0.jsonl", "history.rank1.jsonl"} <= {p.name for p in run.iterdir()}
+    # killed in the middle: rank 0's batch size 8 group saved as an engine state
+    (saved,) = torch.load(run / "checkpoint.pt", weights_only=True)["units"].values()
+    assert saved["state"]["groups"][0]["epochs_done"] < 40
+    # the same run resumed by a single process: it reads both ranks' checkpoints
+    copy = tmp_path / "copy" / run.name
+    shutil.copytree(run, copy)
+    invoke(runner, ["fit-linear", "--resume", copy, "--quiet"])
+    _assert_same_run(single_run, copy)
+    _torchrun(["fit-linear", "--resume", str(run), "--quiet"], tmp_path)
+    _assert_same_run(single_run, run)
