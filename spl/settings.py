@@ -165,6 +165,11 @@ class LinearSettings(GridSettings):
         "share a sweep. Moves the last bits of the results (a group's width enters its "
         "arithmetic); a run is the same whatever the number of processes.",
     )
+    # fit-linear's batch sizes are never split over torchrun's processes (GridSettings' help
+    # says how finetune's are): each is its own engine group, trained whole by one process.
+    batch_sizes: list[int] = setting(
+        factory=lambda: list(protocol.BATCH_SIZES), parse=positive_ints, help="Batch sizes."
+    )
 
     def __post_init__(self) -> None:
         self.losses = _losses(self.losses, "--losses")

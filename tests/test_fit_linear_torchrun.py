@@ -22,7 +22,7 @@ from spl.linear_shards import Unit, assign, loss_partition, sweep_units
 from spl.runs import read_csv
 from spl.settings import LinearSettings
 
-from conftest import invoke
+from conftest import invoke, kill_when_file_appears
 
 # Files a finished run holds whose bytes must be the single process's (config.json differs
 # in its times, its command line and its record of the processes).
@@ -279,5 +279,21 @@ def test_a_killed_job_resumes_to_the_same_run_with_two_processes_or_one(
     shutil.copytree(run, copy)
     invoke(runner, ["fit-linear", "--resume", copy, "--quiet"])
     _assert_same_run(single_run, copy)
+    _torchrun(["fit-linear", "--resume", str(run), "--quiet"], tmp_path)
+    _assert_same_run(single_run, run)
+
+
+@pytest.mark.slow
+def test_a_killed_single_process_run_resumes_under_torchrun(dataset, single_run, tmp_path):
+    out = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spl", *_fit_args(dataset, out, *TWO_GROUPS)], cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    checkpoint = kill_when_file_appears(process, out, "mine/imported/linear-*/checkpoint.pt")
+    run = checkpoint.parent
+    assert (run / "INCOMPLETE").exists() and not (run / "results.csv").exists()
+    units = torch.load(checkpoint, weights_only=True)["units"]
+    assert list(units) == ["s0_bs8"] and units["s0_bs8"]["state"]["groups"][0]["epochs_done"] < 40
     _torchrun(["fit-linear", "--resume", str(run), "--quiet"], tmp_path)
     _assert_same_run(single_run, run)
