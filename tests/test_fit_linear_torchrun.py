@@ -297,3 +297,58 @@ def test_a_killed_single_process_run_resumes_under_torchrun(dataset, single_run,
     assert list(units) == ["s0_bs8"] and units["s0_bs8"]["state"]["groups"][0]["epochs_done"] < 40
     _torchrun(["fit-linear", "--resume", str(run), "--quiet"], tmp_path)
     _assert_same_run(single_run, run)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_by_an_earlier_version_resumes_under_torchrun(
+    dataset, single_run, tmp_path
+):
+    """Earlier versions checkpointed one engine state of the whole grid (every (seed, batch
+    size) group in one StackedHeads): such a run resumes, each group as its unit."""
+    from spl.data.prepared import load_prepared
+    from spl.extract.features import unreadable_rows
+    from spl.fit.engine import StackedHeads
+    from spl.fit.losses import SINGLE_POSITIVE, WITH_NEGATIVES
+    from spl.linear import split_features
+    from spl.runs import mark_incomplete, read_jsonl
+    from spl.settings import settings_from
+    from spl.training import training_inputs
+
+    run = tmp_path / "runs" / single_run.name
+    shutil.copytree(single_run, run)
+    for name in ("results.csv", "per_class_ap.csv", "heads.pt", "summary.md"):
+        (run / name).unlink()
+    mark_incomplete(run, "linear")
+    config = json.loads((run / "config.json").read_text())
+    settings = settings_from(LinearSettings, config["settings"])
+    prepared = load_prepared(dataset)
+    inputs = training_inputs(prepared, settings, settings.losses, unreadable_rows(prepared, "imported"))  # fmt: skip
+    features, _ = split_features(prepared, "imported", inputs.rows)
+    model = StackedHeads(  # the earlier version's one engine of the whole grid
+        losses=inputs.losses, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
+        seeds=settings.seeds, epochs=settings.epochs, device="cpu",
+        histogram_bins=settings.histogram_bins,
+    )  # fmt: skip
+
+    def stop_after_three_epochs(model, record):
+        if record["epoch"] == 3:
+            torch.save(model.state_dict(), run / "checkpoint.pt")
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        model.fit(
+            features["train"], inputs.observed[SINGLE_POSITIVE], labels=inputs.labels("train"),
+            X_val=features["val"], Y_val=inputs.selection_labels,
+            observed_iu=inputs.observed.get(WITH_NEGATIVES), on_epoch=stop_after_three_epochs,
+        )  # fmt: skip
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert [group["epochs_done"] for group in saved["groups"]] == [3, 0]
+    # the history as a kill after the checkpoint leaves it: rows beyond the checkpoint's 18
+    history = read_jsonl(run / "history.jsonl")
+    (run / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history[:30]))
+    _torchrun(["fit-linear", "--resume", str(run), "--quiet"], tmp_path)
+    _assert_same_run(single_run, run)
