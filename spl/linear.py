@@ -147,14 +147,17 @@ def _run_linear(
                         progress and procs.rank == 0)  # fmt: skip
     laps.lap("open_run")
     live_history = history_name(procs.rank, procs.world)
-    fits, timings = procs.together(
-        lambda: fit_heads(
+
+    def train() -> tuple[dict[int, dict], dict[str, float]]:
+        fits, timings = fit_heads(
             inputs, features, procs.device, units, mine, saved, checkpoints, live_history, bar
         )
-    )
+        laps.add(timings)  # what follows, until the gather's end, is waiting for the others
+        return fits, timings
+
+    fits, timings = procs.together(train)
     if bar is not None:
         bar.close()
-    laps.add(timings)
     gathered = procs.gather_in_order(owners, fits)
     if procs.world > 1:
         laps.lap("gather")
