@@ -56,7 +56,7 @@ class Unit:
     group: int  # its (seed, batch size)'s position in the grid: seeds, then batch sizes
     part: int
     parts: int
-    work: float  # (weight + trainable state entries) x steps
+    work: float  # (weight + trainable state entries) x lrs x steps
 
     @property
     def key(self) -> str:
@@ -195,16 +195,19 @@ def saved_units(run: Run, units: Sequence[Unit], lrs: Sequence[float]) -> dict[s
     from another number of processes are read alike; a unit saved in two (a resume with
     fewer processes) counts where it went furthest. A checkpoint written before the units
     (one engine state of the whole grid) is read as one unit per group."""
-    known = {unit.key for unit in units}
+    known = {unit.key: unit for unit in units}
     found: dict[str, dict] = {}
     for path in checkpoint_files(run.path):
         saved = load_torch(path, "linear-run checkpoint")
         entries = saved["units"] if "units" in saved else _whole_grid(saved, units, lrs, path)
         for key, entry in entries.items():
-            if key not in known:
+            part = entry.get("fit") or entry.get("state") or {}
+            losses = {head["loss"] for head in part.get("heads", [])}
+            if key not in known or losses != set(known[key].losses):
                 raise SplError(
-                    f"{path} holds the engine group {key!r}, which this run does not train "
-                    "(its --loss-parts or grid differ): it is not this run's checkpoint"
+                    f"{path} holds the engine group {key!r} ({', '.join(sorted(losses))}), "
+                    "which this run does not train (its --loss-parts, grid or training rows "
+                    "differ): it is not this run's checkpoint; start a new run"
                 )
             if unit_progress(entry) > unit_progress(found.get(key)):
                 found[key] = entry

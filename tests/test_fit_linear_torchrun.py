@@ -352,3 +352,25 @@ def test_a_run_interrupted_by_an_earlier_version_resumes_under_torchrun(
     (run / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history[:30]))
     _torchrun(["fit-linear", "--resume", str(run), "--quiet"], tmp_path)
     _assert_same_run(single_run, run)
+
+
+def test_a_checkpoint_of_another_grid_is_refused(tmp_path):
+    from spl.linear_shards import saved_units
+    from spl.runs import Run, save_torch
+
+    run = Run(tmp_path, {})
+    units = [Unit(0, 8, ("an", "role"), 0, 0, 1, 1.0)]
+    heads = [{"loss": loss, "lr": 1e-3, "batch_size": 8, "seed": 0} for loss in ("an", "role")]
+    save_torch(tmp_path / "checkpoint.rank1.pt", {"units": {"s0_bs8": {"fit": {"heads": heads}}}})
+    assert list(saved_units(run, units, [1e-3])) == ["s0_bs8"]
+    for key, losses in (("s0_bs16", ("an", "role")), ("s0_bs8", ("an",))):
+        entry = {"state": {"heads": [h for h in heads if h["loss"] in losses]}}
+        save_torch(tmp_path / "checkpoint.rank1.pt", {"units": {key: entry}})
+        with pytest.raises(SplError, match=f"checkpoint.rank1.pt holds the engine group '{key}'"):
+            saved_units(run, units, [1e-3])
+    # an earlier version's whole-grid checkpoint of another grid
+    save_torch(
+        tmp_path / "checkpoint.rank1.pt", {"heads": heads, "groups": [{}, {}], "history": []}
+    )
+    with pytest.raises(SplError, match="is a checkpoint of another grid than this run's"):
+        saved_units(run, units, [1e-3])
