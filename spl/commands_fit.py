@@ -30,6 +30,8 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
 
     Defaults are the paper's protocol: 9 losses, lrs 1e-2..1e-5, batch sizes 8 and 16,
     25 epochs; per loss, the best val configuration is reported with its test mAP.
+    Under torchrun (one process per GPU) the sweep's (seed, batch size) groups are spread
+    over the processes and rank 0 writes the run a single process writes.
     """
     from spl.evaluate.report import linear_table
     from spl.fit.losses import LOSSES
