@@ -157,11 +157,15 @@ class Processes:
                 gathered.append(box[0])
         return gathered if self.rank == 0 else None
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """The process group goes, once every rank has arrived; ``failed``: this process
+        leaves on an error, at once (the others may wait in another collective, which a
+        barrier here would never meet: torchrun stops them when this process exits)."""
         if self.owns_group:
             import torch.distributed as dist
 
-            self.all_ok(True)  # every rank arrives before the group goes away
+            if not failed:
+                self.all_ok(True)  # every rank arrives before the group goes away
             dist.destroy_process_group()
 
 

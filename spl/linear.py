@@ -88,10 +88,11 @@ def run_linear(
     try:
         path = _run_linear(dataset_dir, tag, settings, out_root, procs, laps, resume=resume,
                            progress=progress, log=log, run_file=run_file)  # fmt: skip
-        procs.all_ok(True)
-        return path
-    finally:
-        procs.close()
+    except BaseException:
+        procs.close(failed=True)
+        raise
+    procs.close()
+    return path
 
 
 def _run_linear(

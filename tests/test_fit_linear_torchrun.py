@@ -374,3 +374,18 @@ def test_a_checkpoint_of_another_grid_is_refused(tmp_path):
     )
     with pytest.raises(SplError, match="is a checkpoint of another grid than this run's"):
         saved_units(run, units, [1e-3])
+
+
+@pytest.mark.slow
+def test_a_process_failing_alone_ends_the_job(dataset, tmp_path):
+    """Rank 0 fails to create the run (--out under a file) while rank 1 waits for its path:
+    rank 0 leaves without a closing barrier that rank 1 would never meet, and torchrun ends
+    the job (a barrier there waited for the collectives' timeout, days)."""
+    (tmp_path / "a-file").write_text("x")
+    args = _fit_args(dataset, tmp_path / "a-file" / "runs", "--losses", "an", "--epochs", 1)
+    done = subprocess.run(
+        _torchrun_command(args), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Not a directory" in done.stdout + done.stderr
