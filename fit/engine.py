@@ -33,18 +33,25 @@ import torch
 
 from spl.data import protocol
 from spl.data.runtime import resolve_device
+from spl.evaluate.blocks import SCORE_BYTES
 from spl.fit import fused
+from spl.fit.data import (
+    Features,
+    HiddenPositives,
+    LabelInput,
+    LabelRows,
+    as_features,
+    as_labels,
+    split_logits,
+)
 from spl.fit.epoch import split_map, train_epoch, validate
 from spl.fit.group import HeadGroup, TrainingData, gradient_route
 from spl.fit.heads import (
     HeadConfig,
-    as_tensor,
-    augment,
     epoch_batches,
     epoch_permutation,
     head_name,
     initial_head,
-    stacked_logits,
 )
 from spl.fit.losses import WITH_NEGATIVES, Context, Loss, Scores, get_loss, make_losses
 from spl.fit.step import batch_gradients
@@ -56,12 +63,20 @@ __all__ = [
 
 # Where a fit's time goes (``timings_``, seconds): building the groups (on a CPU the first
 # time a machine meets a group's shapes, timing its update paths), each group's first step
-# of each epoch (the first one compiles on a CPU), the other steps, the losses' epoch hooks
-# (with their scoring passes), validation, and the caller's on_epoch (checkpoints).
-TIMINGS = ("setup", "first_step", "steps", "loss_hooks", "validation", "on_epoch")
+# of each epoch (the first one compiles on a CPU), the other steps, the time the steps waited
+# for a batch read ahead (streamed data; its share of the step time is
+# feature_wait / (first_step + steps + feature_wait)), the losses' epoch hooks (with their
+# scoring passes), validation, and the caller's on_epoch (checkpoints).
+TIMINGS = (
+    "setup", "first_step", "steps", "feature_wait", "loss_hooks", "validation", "on_epoch",
+)  # fmt: skip
 
 # What ``losses=`` takes: loss keys (resolved here), or losses resolved already.
 LossesArgument = Sequence[str] | Mapping[str, Loss] | Sequence[Loss]
+# Features: an array or tensor [N, D] (held on the device), or streamed (fit.data).
+FeaturesArgument = np.ndarray | torch.Tensor | Features
+# A label matrix [N, L]: dense, or a CSR of its entries (spl.data.labels).
+LabelArgument = LabelInput | LabelRows
 
 
 class StackedHeads:
@@ -79,6 +94,13 @@ class StackedHeads:
     (``auto``: the fastest on this machine, see :func:`spl.fit.fused.choose_update`;
     ``inpass``, ``gemm``; ``eager`` never compiles it) and ``flush_denormals`` treats
     denormal floats as zero while training (fused.py).
+
+    Data that would not fit on the device is read a batch at a time (:mod:`.data`): give
+    ``X`` (and ``X_val``) as :class:`~spl.fit.data.StreamedFeatures` to stream the
+    features from their HDF5 file, and ``resident_labels=False`` to read the observed sets
+    and labels per batch (label matrices may be :class:`~spl.data.labels.CSR`). Neither
+    changes a number. ``score_bytes`` bounds the blocks of heads x classes validation
+    scores at once (:mod:`spl.evaluate.blocks`).
     """
 
     def __init__(
@@ -98,6 +120,8 @@ class StackedHeads:
         cuda_graphs: bool = True,
         flush_denormals: bool = True,
         update: str = "auto",
+        resident_labels: bool = True,
+        score_bytes: int = SCORE_BYTES,
     ) -> None:
         self.losses = dict(losses) if isinstance(losses, Mapping) else list(losses)
         self.lrs = list(lrs)
@@ -114,22 +138,25 @@ class StackedHeads:
         self.cuda_graphs = cuda_graphs
         self.flush_denormals = flush_denormals
         self.update = update
+        self.resident_labels = resident_labels
+        self.score_bytes = score_bytes
 
     # ------------------------------------------------------------------ training
 
     def fit(
         self,
-        X: np.ndarray | torch.Tensor,
-        observed: np.ndarray | torch.Tensor,
+        X: FeaturesArgument,
+        observed: LabelArgument,
         *,
-        labels: np.ndarray | torch.Tensor,
-        X_val: np.ndarray | torch.Tensor,
-        Y_val: np.ndarray | torch.Tensor,
-        observed_iu: np.ndarray | torch.Tensor | None = None,
+        labels: LabelArgument,
+        X_val: FeaturesArgument,
+        Y_val: LabelArgument,
+        observed_iu: LabelArgument | None = None,
         state: dict | None = None,
         on_epoch: Callable[[StackedHeads, dict], None] | None = None,
         on_step: Callable[[int], None] | None = None,
         scores: Scores | np.ndarray | torch.Tensor | None = None,
+        val_known: LabelArgument | None = None,
     ) -> StackedHeads:
         """Train every head; ``state`` (from :meth:`state_dict`) resumes an interrupted sweep.
 
@@ -141,6 +168,8 @@ class StackedHeads:
         pseudo-labels from them (VLPL, AEVLP): a :class:`~spl.fit.losses.Scores`, or the
         whole-image cosines ``[N, L]``. ``on_epoch(model, record)`` is called after each
         epoch of each group (``record["group"]``, its ``epoch``, ``val_map``...).
+        ``val_known`` (bool ``[N_val, L]``): the verified entries of a partially labelled
+        val split, scored as OpenImages is (each class's AP over its verified entries).
 
         Learned: ``coef_ [H, L, D]``, ``intercept_ [H, L]`` (best-epoch weights),
         ``best_epoch_``, ``best_val_map_``, ``heads_``, ``history_`` (one row per head and
@@ -150,7 +179,8 @@ class StackedHeads:
         """
         started = time.perf_counter()
         self.prepare(X, observed, labels=labels, X_val=X_val, Y_val=Y_val,
-                     observed_iu=observed_iu, state=state, scores=scores)  # fmt: skip
+                     observed_iu=observed_iu, state=state, scores=scores,
+                     val_known=val_known)  # fmt: skip
         self.train_seconds_ = 0.0
         timings = self.timings_ = dict.fromkeys(TIMINGS, 0.0)
         timings["setup"] = time.perf_counter() - started
@@ -162,7 +192,8 @@ class StackedHeads:
                     validated = time.perf_counter()
                     record.update(
                         validate(group, chunk_heads=self.eval_chunk_heads,
-                                 histogram_bins=self.histogram_bins)
+                                 histogram_bins=self.histogram_bins,
+                                 score_bytes=self.score_bytes)
                     )  # fmt: skip
                     for key, seconds in record.pop("seconds").items():
                         timings[key] += seconds
@@ -175,6 +206,7 @@ class StackedHeads:
                         on_epoch(self, {"group": group, **record})
                         timings["on_epoch"] += time.perf_counter() - called
                 group.graph = None
+                group.tables = None  # the next group tables its own
             self._collect()
         for group in self.groups_:
             group.data = None  # the device's copy of the data goes with the sweep
@@ -182,30 +214,31 @@ class StackedHeads:
 
     def prepare(
         self,
-        X: np.ndarray | torch.Tensor,
-        observed: np.ndarray | torch.Tensor,
+        X: FeaturesArgument,
+        observed: LabelArgument,
         *,
-        labels: np.ndarray | torch.Tensor,
-        X_val: np.ndarray | torch.Tensor,
-        Y_val: np.ndarray | torch.Tensor,
-        observed_iu: np.ndarray | torch.Tensor | None = None,
+        labels: LabelArgument,
+        X_val: FeaturesArgument,
+        Y_val: LabelArgument,
+        observed_iu: LabelArgument | None = None,
         state: dict | None = None,
         scores: Scores | np.ndarray | torch.Tensor | None = None,
+        val_known: LabelArgument | None = None,
     ) -> StackedHeads:
         """What :meth:`fit` does before training (its arguments, less the callbacks): check
-        the inputs, resolve the losses, put the data on the device and build the groups
-        (:attr:`groups_`, each with its :attr:`~spl.fit.group.HeadGroup.data`), resumed
-        from ``state`` if given. Public for the checks that step a group by hand
-        (:mod:`spl.fit.step`)."""
+        the inputs, resolve the losses, put the data on the device (or ready to stream) and
+        build the groups (:attr:`groups_`, each with its
+        :attr:`~spl.fit.group.HeadGroup.data`), resumed from ``state`` if given. Public for
+        the checks that step a group by hand (:mod:`spl.fit.step`)."""
         if not self._resolved_losses_given():
             for key in self.losses:
                 get_loss(key)
         device = resolve_device(self.device)
         self.device_ = device
-        dtype = self.dtype
-        X = augment(as_tensor(X, dtype, device))
-        observed = as_tensor(observed, dtype, device)
-        labels = as_tensor(labels, dtype, device)
+        dtype, resident = self.dtype, self.resident_labels
+        X = as_features(X, dtype, device)
+        observed = as_labels(observed, dtype, device, resident)
+        labels = as_labels(labels, dtype, device, resident)
         if scores is not None and not isinstance(scores, Scores):
             scores = Scores(
                 torch.as_tensor(np.asarray(scores) if not torch.is_tensor(scores) else scores)
@@ -215,20 +248,26 @@ class StackedHeads:
         for loss in self.losses_.values():
             loss.check_epochs(self.epochs)
         observed_sets = self._observed_sets(observed, observed_iu)
-        small = [b for b in self.batch_sizes if b > X.shape[0]]
+        small = [b for b in self.batch_sizes if b > X.num_rows]
         if small:
             raise ValueError(
-                f"the training split has {X.shape[0]} rows, fewer than batch size {small[0]}"
+                f"the training split has {X.num_rows} rows, fewer than batch size {small[0]}"
             )
+        # Entries whose probabilities the paper's figure follows: unobserved positives.
+        hidden = None
+        if self.histogram_bins:
+            hidden = HiddenPositives.find(labels, observed, device)
         data = TrainingData(
             X=X,
             observed=observed_sets,
             labels=labels,
-            X_val=augment(as_tensor(X_val, dtype, device)),
-            Y_val=as_tensor(Y_val, dtype, device),
-            # Entries whose probabilities the paper's figure follows: unobserved positives.
-            hidden_positives=(labels == 1) & (observed == 0),
-        )
+            X_val=as_features(X_val, dtype, device),
+            Y_val=as_labels(Y_val, dtype, device, resident),
+            hidden_positives=hidden,
+            val_known=None if val_known is None else as_labels(
+                val_known, torch.bool, device, resident
+            ),
+        )  # fmt: skip
         self._build_groups(data)
         self.history_: list[dict] = []
         if state is not None:
@@ -242,31 +281,46 @@ class StackedHeads:
 
     # ------------------------------------------------------------------ the fitted heads
 
-    def decision_function(self, X: np.ndarray | torch.Tensor, *, best: bool = True) -> torch.Tensor:
+    def decision_function(self, X: FeaturesArgument, *, best: bool = True) -> torch.Tensor:
         """Logits ``[H, N, L]`` of every head (best-epoch weights by default), on the CPU."""
         return torch.cat([logits for _, logits in self.decision_blocks(X, best=best)])
 
     def decision_blocks(
-        self, X: np.ndarray | torch.Tensor, *, best: bool = True
+        self, X: FeaturesArgument, *, best: bool = True
     ) -> Iterator[tuple[list[HeadConfig], torch.Tensor]]:
         """:meth:`decision_function` one group at a time, in :attr:`heads_` order: (the
         group's heads, their logits ``[h, N, L]`` on the CPU), one group's logits in memory
         at a time."""
-        X = augment(as_tensor(X, self.dtype, self.device_))
-        for group in self.groups_:
-            weight = group.best_weight if best else group.weight
-            yield group.heads, stacked_logits(X, weight).cpu()
+        X = self.features(X)
+        for heads, weight in self.group_weights(best=best):
+            yield heads, split_logits(X, weight).cpu()
 
-    def score(self, X, Y, *, best: bool = True) -> np.ndarray:
-        """mAP (x100) of every head on (X, Y), in :attr:`heads_` order."""
-        X = augment(as_tensor(X, self.dtype, self.device_))
-        Y = as_tensor(Y, self.dtype, self.device_)
+    def features(self, X: FeaturesArgument) -> Features:
+        """Features as the fitted heads read them (:mod:`.data`): an array or tensor
+        ``[N, D]`` on the device with its ones column; a :class:`Features` as it is."""
+        return as_features(X, self.dtype, self.device_)
+
+    def group_weights(
+        self, *, best: bool = True
+    ) -> Iterator[tuple[list[HeadConfig], torch.Tensor]]:
+        """(a group's heads, their weights ``[h, L, D + 1]`` on the device, the bias last),
+        one group at a time in :attr:`heads_` order: what scoring in blocks reads."""
+        for group in self.groups_:
+            yield group.heads, group.best_weight if best else group.weight
+
+    def score(self, X, Y, *, best: bool = True, known=None) -> np.ndarray:
+        """mAP (x100) of every head on (X, Y), in :attr:`heads_` order; with ``known``, over
+        the verified entries (a partially labelled split)."""
+        X = self.features(X)
+        Y = as_labels(Y, self.dtype, self.device_, resident=True)
+        known = None if known is None else as_labels(known, torch.bool, self.device_, True)
         return torch.cat(
             [
-                split_map(X, g.best_weight if best else g.weight, Y, self.eval_chunk_heads)
-                for g in self.groups_
+                split_map(X, weight, Y, self.eval_chunk_heads, known=known,
+                          score_bytes=self.score_bytes)
+                for _, weight in self.group_weights(best=best)
             ]
-        ).numpy()
+        ).numpy()  # fmt: skip
 
     def head_state(self, head: HeadConfig, *, best: bool = True) -> dict[str, torch.Tensor]:
         """The loss state of one head (e.g. ROLE's ``theta`` ``[N_train, L]``), at its best
@@ -330,8 +384,8 @@ class StackedHeads:
             out[key].context = dataclasses.replace(loss.context, scores=context.scores)
         return out
 
-    def _observed_sets(self, observed: torch.Tensor, observed_iu) -> dict[str, torch.Tensor]:
-        """Each observed set the losses train on, on the device."""
+    def _observed_sets(self, observed: LabelRows, observed_iu) -> dict[str, LabelRows]:
+        """Each observed set the losses train on."""
         observed_sets = {loss.trains_on: observed for loss in self.losses_.values()}
         needs_negatives = [k for k, v in self.losses_.items() if v.trains_on == WITH_NEGATIVES]
         if needs_negatives:
@@ -340,12 +394,14 @@ class StackedHeads:
                     f"{needs_negatives[0]} trains on observed negatives: pass observed_iu, an "
                     "observed set with 1 positive + 1 negative per image"
                 )
-            observed_sets[WITH_NEGATIVES] = as_tensor(observed_iu, self.dtype, self.device_)
+            observed_sets[WITH_NEGATIVES] = as_labels(
+                observed_iu, self.dtype, self.device_, self.resident_labels
+            )
         return observed_sets
 
     def _build_groups(self, data: TrainingData) -> None:
         """One group per (seed, batch size), in that order; :attr:`heads_` in group order."""
-        num_rows, num_features = data.X.shape[0], data.X.shape[1] - 1
+        num_rows, num_features = data.X.num_rows, data.X.width - 1
         num_classes = next(iter(data.observed.values())).shape[1]
         self.heads_: list[HeadConfig] = []
         self.groups_: list[HeadGroup] = []

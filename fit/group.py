@@ -8,26 +8,64 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from spl.fit.adam import StackedAdam
+from spl.fit.data import Features, HiddenPositives, LabelRows
 from spl.fit.heads import HeadConfig, initial_head, to_blocks, to_heads
 from spl.fit.losses import Loss
 
 
 @dataclass
 class TrainingData:
-    """A sweep's data on the device, as its groups read it: the training features with the
-    ones column ``[N, D + 1]``, each observed set the losses train on ``[N, L]``, the full
-    training labels, the val split, and the entries whose probabilities the paper's figure
-    follows (unobserved positives, ``[N, L]`` bool)."""
+    """A sweep's data as its groups read it (:mod:`.data`): the training features (with the
+    ones column, ``[N, D + 1]``), each observed set the losses train on and the full
+    training labels (``[N, L]``), the val split (with ``val_known``, the verified entries of
+    a partially labelled val split, or None), and the entries whose probabilities the
+    paper's figure follows (unobserved positives). Each is resident on the device or read a
+    block of rows at a time."""
 
-    X: torch.Tensor
-    observed: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    X_val: torch.Tensor
-    Y_val: torch.Tensor
-    hidden_positives: torch.Tensor
+    X: Features
+    observed: dict[str, LabelRows]
+    labels: LabelRows
+    X_val: Features
+    Y_val: LabelRows
+    hidden_positives: HiddenPositives | None
+    val_known: LabelRows | None = None
+
+    @property
+    def labels_resident(self) -> bool:
+        return self.labels.resident and all(m.resident for m in self.observed.values())
+
+    @property
+    def streams(self) -> bool:
+        """Whether a step reads something that is not on the device (its batch is then read
+        ahead and staged: :class:`StagedBatch`)."""
+        return not self.X.resident or not self.labels_resident
+
+    def read_batch(self, rows: np.ndarray, with_labels: bool) -> dict:
+        """The host blocks a step needs of ``rows`` that are not resident: ``x`` and, with
+        labels read per batch, each observed set and (``with_labels``) the full labels."""
+        out: dict = {}
+        if not self.X.resident:
+            out["x"] = self.X.read(rows)
+        if not self.labels_resident:
+            out["observed"] = {kind: m.read(rows) for kind, m in self.observed.items()}
+            if with_labels:
+                out["labels"] = self.labels.read(rows)
+        return out
+
+
+@dataclass
+class StagedBatch:
+    """A step's batch read ahead and moved to the device (features, observed sets, labels,
+    the label-only weights of the batch); None fields are read from the resident data."""
+
+    x: torch.Tensor | None = None
+    observed: dict[str, torch.Tensor] | None = None
+    labels: torch.Tensor | None = None
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -132,6 +170,7 @@ class HeadGroup:
         self.best_exported: dict[int, dict[str, torch.Tensor]] = {}
         self.epochs_done = 0
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.staged: StagedBatch | None = None  # the batch read ahead, when data.streams
         self.loss_sum: torch.Tensor | None = None
         self.graph = None
 
@@ -142,9 +181,10 @@ class HeadGroup:
         for key in dict.fromkeys(h.loss for h in self.heads):
             loss = losses[key]
             positions = [i for i, h in enumerate(self.heads) if h.loss == key]
-            state = loss.init_state(
-                self.data.observed[loss.trains_on], heads=len(positions), seed=self.seed
-            )
+            state = {}
+            if loss.overrides("init_state"):  # (a dense [N, L] copy for the call alone)
+                observed = self.data.observed[loss.trains_on].dense()
+                state = loss.init_state(observed, heads=len(positions), seed=self.seed)
             index = torch.tensor(positions, device=device, dtype=torch.long)
             slot = slots[key] = LossSlot(loss, positions, index, state)
             for name in loss.trainable:
@@ -182,6 +222,9 @@ class HeadGroup:
         # schedule: GR's k and v, SPLC's switch, the LL rejection count, APL's targets) and
         # custom or hooked losses run Python between kernels, so their groups run unrecorded.
         self.graphable = not (self.kernel_slots or self.custom_slots or self.hooked_slots)
+        # A streamed batch is read and staged in Python before each step (left for a GPU
+        # check: recorded into static buffers), so such a group runs unrecorded too.
+        self.graphable = self.graphable and not self.data.streams
 
     def _adam_stacks(self) -> list:
         """What Adam updates, stack by stack: the weights (one lr per block) and each loss's
@@ -212,6 +255,30 @@ class HeadGroup:
         ``grad_out [blocks, B, per * L]``, the state's gradients already in place."""
         if not self.adam.update(x, grad_out):
             self.compiled = False  # compilation failed (warned once by fused.py): eager
+
+    # What a step reads of its batch: the staged batch when the data streams, else the rows
+    # of the resident data (index_select, as the engine always read them).
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether a loss of the group reads the full labels (staged with each batch)."""
+        return any(slot.loss.reads_labels for slot in self.slots.values())
+
+    def batch_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, D + 1]``, the ones column last."""
+        if self.staged is not None and self.staged.x is not None:
+            return self.staged.x
+        return self.data.X.take(rows)
+
+    def batch_observed(self, kind: str, rows: torch.Tensor) -> torch.Tensor:
+        if self.staged is not None and self.staged.observed is not None:
+            return self.staged.observed[kind]
+        return self.data.observed[kind].take(rows)
+
+    def batch_labels(self, rows: torch.Tensor) -> torch.Tensor | None:
+        if self.staged is not None and self.staged.observed is not None:
+            return self.staged.labels
+        return self.data.labels.take(rows)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from spl.fit import fused
-from spl.fit.group import HeadGroup, LossSlot
+from spl.fit.group import HeadGroup, LossSlot, StagedBatch
 from spl.fit.losses import LOG_EPSILON, Batch, log_neg, log_pos
 
 
@@ -88,27 +88,45 @@ def loss_batch(
     if cache is not None and kind in cache:
         observed, labels = cache[kind]
     else:
-        observed, labels = data.observed[kind], data.labels
-        if rows is not None:
-            observed, labels = observed.index_select(0, rows), labels.index_select(0, rows)
+        if rows is None:
+            observed, labels = data.observed[kind].dense(), data.labels.dense()
+        else:
+            observed, labels = group.batch_observed(kind, rows), group.batch_labels(rows)
         if cache is not None:
             cache[kind] = (observed, labels)
     state = slot.loss.batch_state(slot.state, rows)
     return Batch(observed, labels, epoch, group.epochs, state)
 
 
-def epoch_tables(group: HeadGroup, epoch: int) -> None:
-    """Per-row loss weights (A for l+, B for l-) of every loss with label-only weights,
-    for one epoch: ``group.tables``, each ``[N, T, L]``."""
+def weight_tables(
+    group: HeadGroup, rows: torch.Tensor | None, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Loss weights (A for l+, B for l-) of every loss with label-only weights on ``rows``
+    (None: every training row), ``[rows, T, L]`` each; None when the group has none. The
+    weights depend on the labels and the epoch only, so a batch's rows of the whole table
+    and the table of the batch's rows are the same numbers."""
     pos_tables, neg_tables = [], []
-    labels = group.data.labels
     for key in group.weighted_types:
         slot = group.slots[key]
-        pos, neg = slot.loss.weights(loss_batch(group, slot, None, epoch))
-        pos_tables.append(pos.expand_as(labels))
-        neg_tables.append(neg.expand_as(labels))
-    if pos_tables:
-        pos, neg = torch.stack(pos_tables, 1), torch.stack(neg_tables, 1)
+        batch = loss_batch(group, slot, rows, epoch)
+        pos, neg = slot.loss.weights(batch)
+        pos_tables.append(pos.expand_as(batch.observed))
+        neg_tables.append(neg.expand_as(batch.observed))
+    if not pos_tables:
+        return None
+    return torch.stack(pos_tables, 1), torch.stack(neg_tables, 1)
+
+
+def epoch_tables(group: HeadGroup, epoch: int) -> None:
+    """Per-row loss weights of every loss with label-only weights, for one epoch:
+    ``group.tables``, each ``[N, T, L]``. With labels read per batch, no table: each
+    staged batch carries its rows' weights (:func:`stage_batch`)."""
+    if not group.data.labels_resident:
+        group.tables = None
+        return
+    tables = weight_tables(group, None, epoch)
+    if tables is not None:
+        pos, neg = tables
         if group.tables is None:
             group.tables = (pos, neg)
         else:  # in place: a captured CUDA graph reads these buffers
@@ -124,22 +142,44 @@ def start_epoch(group: HeadGroup, epoch: int) -> None:
     epoch_tables(group, epoch)
 
 
+def stage_batch(group: HeadGroup, rows: torch.Tensor, host: dict, epoch: int) -> None:
+    """Put a batch read ahead (:meth:`TrainingData.read_batch`) on the device for the next
+    step, with its rows' label-only weights when the labels are read per batch."""
+    device = group.weight_t.device
+
+    def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(device, non_blocking=True)
+
+    observed = host.get("observed")
+    group.staged = StagedBatch(
+        x=moved(host.get("x")),
+        observed=None if observed is None else {k: moved(v) for k, v in observed.items()},
+        labels=moved(host.get("labels")),
+    )
+    if observed is not None:
+        group.staged.tables = weight_tables(group, rows, epoch)
+
+
+def batch_tables(group: HeadGroup, rows: torch.Tensor) -> tuple | None:
+    """The batch's label-only weights, one column per weighted head ``[B, Hw, L]``."""
+    if group.staged is not None and group.staged.tables is not None:
+        return tuple(t.index_select(1, group.weighted_type) for t in group.staged.tables)
+    if group.tables is None:
+        return None
+    return tuple(t.index_select(0, rows).index_select(1, group.weighted_type) for t in group.tables)
+
+
 def step_gradients(
     group: HeadGroup, rows: torch.Tensor, epoch: int, x: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[LossSlot, tuple]]]:
     """One batch of a group, without the update: logits ``[B, H, L]``, per-head losses,
     the logit gradients ``[B, H, L]`` on every head's route, and each fused loss's slot
     with its trainable state's gradients on the batch rows (in ``trainable`` order)."""
-    data = group.data
     if x is None:
-        x = data.X.index_select(0, rows)  # [B, D + 1], ones column last
-    tables = None
-    if group.tables is not None:
-        tables = tuple(
-            t.index_select(0, rows).index_select(1, group.weighted_type) for t in group.tables
-        )
+        x = group.batch_features(rows)  # [B, D + 1], ones column last
+    tables = batch_tables(group, rows)
     fused_parts = tuple(
-        (step, index, data.observed[kind].index_select(0, rows),
+        (step, index, group.batch_observed(kind, rows),
          tuple(t.index_select(1, rows) for t in state), k)
         for step, index, kind, state, k in group.fused_parts
     )  # fmt: skip
@@ -183,7 +223,7 @@ def custom_gradient(
 
 def train_step(group: HeadGroup, rows: torch.Tensor, epoch: int) -> None:
     """One Adam step of every head in the group, then the losses' ``after_step`` hooks."""
-    x = group.data.X.index_select(0, rows)  # [B, D + 1], ones column last
+    x = group.batch_features(rows)  # [B, D + 1], ones column last
     blocks, _, columns = group.weight_t.shape
     logits, per_head, grad, state_grads = step_gradients(group, rows, epoch, x)
     for slot, grads in state_grads:

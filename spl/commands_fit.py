@@ -50,6 +50,11 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
         raise SplError("give DATASET and --features TAG (or --resume RUN_DIR)")
     else:  # its range depends on --losses; checked again (named as a flag) in run_linear
         check_loss_parts(settings.loss_parts, settings.losses, _given_as(ctx, "loss_parts"))
+    if run.dry_run:
+        from spl.linear import plan_of_run
+
+        click.echo(plan_of_run(dataset, tag, settings).text())
+        return
     run_dir = run_linear(
         dataset, tag, settings, run.out, resume=run.resume, progress=not run.quiet,
         log=click.echo, run_file=run.run_file,

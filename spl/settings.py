@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from spl.data import protocol
 from spl.data.common import SplError
+from spl.memory_plan import ByteSize, parse_size
 from spl.settings_fields import (
     at_least,
     click_options,
@@ -170,9 +171,23 @@ class LinearSettings(GridSettings):
     batch_sizes: list[int] = setting(
         factory=lambda: list(protocol.BATCH_SIZES), parse=positive_ints, help="Batch sizes."
     )
+    stream_features: bool = setting(
+        False,
+        help="Read the features from the feature file a batch at a time (a background "
+        "thread reads ahead) whatever the memory budget; the same numbers as resident.",
+    )
+    memory_budget: ByteSize | None = setting(
+        None,
+        parse=parse_size,
+        show_default="80% of the RAM on a CPU, 90% of the GPU's memory on CUDA",
+        help="Memory the sweep may hold (8GiB, 512MiB, 2.5GB or bytes; > 0): what does not "
+        "fit streams (features first, then labels read per batch); a sweep that cannot fit "
+        "is refused before it starts, naming what to reduce (see --dry-run).",
+    )
 
     def __post_init__(self) -> None:
         self.losses = _losses(self.losses, "--losses")
+        self.memory_budget = parse_size(self.memory_budget, "memory_budget")
 
 
 @dataclass
@@ -269,6 +284,11 @@ class FitLinearOptions(RunOptions):
     cli_order: ClassVar[tuple[str, ...]] = ("features",)
 
     features: str | None = setting(None, help="Feature tag: reads DATASET/features/TAG.h5.")
+    dry_run: bool = setting(
+        False,
+        help="Print the memory plan (each item, its bytes, resident or streamed) and exit "
+        "without a run.",
+    )
 
 
 @dataclass

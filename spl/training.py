@@ -21,6 +21,7 @@ import torch
 
 from spl.data import protocol
 from spl.data.common import SplError, write_text_atomic
+from spl.data.labels import CSR, SparseRows
 from spl.data.prepared import PreparedDataset
 from spl.extract.scores import ScoreSet, load_scores
 from spl.fit.losses import (
@@ -58,7 +59,8 @@ class TrainingInputs(_Resolved):
 
     excluded: dict[str, np.ndarray]  # rows of each source file left out (unreadable images)
     rows: dict[str, np.ndarray]  # rows of the source file per split, without those
-    observed: dict[str, np.ndarray]  # trains_on -> the training rows' observed labels
+    # trains_on -> the training rows' observed labels (a CSR for a sparse labels.h5)
+    observed: dict[str, np.ndarray | CSR]
     selection_labels: np.ndarray  # of the val rows: what selects epochs and configurations
     scores: Scores | None  # the training rows' scores
     pseudo: dict[str, np.ndarray]  # per score-reading loss, its training rows' pseudo-positives
@@ -66,6 +68,26 @@ class TrainingInputs(_Resolved):
     def labels(self, split: str) -> np.ndarray:
         """The full labels of a split's rows."""
         return self.prepared.labels[self.prepared.rows(split)[0]][self.rows[split]]
+
+    def label_matrix(self, split: str) -> np.ndarray | CSR:
+        """The full labels (0/1) of a split's rows as the engine reads them: the dense
+        :meth:`labels`, or for a sparse labels.h5 a CSR of the positives (memory in
+        proportion to the stored entries, not to rows x classes)."""
+        matrix = self.prepared.labels[self.prepared.rows(split)[0]]
+        if isinstance(matrix, SparseRows):
+            return csr_rows(matrix, self.rows[split], "positive")
+        return matrix[self.rows[split]]
+
+    def known(self, split: str) -> np.ndarray | CSR | None:
+        """The verified entries of a split's rows (a partially labelled dataset: bool, or a
+        CSR whose stored entries are the verified ones); None when every entry is known."""
+        states = self.prepared.states
+        if states is None:
+            return None
+        matrix = states[self.prepared.rows(split)[0]]
+        if isinstance(matrix, SparseRows):
+            return csr_rows(matrix, self.rows[split], "known")
+        return matrix[self.rows[split]] != 0
 
     @property
     def excluded_counts(self) -> dict[str, int]:
@@ -147,7 +169,7 @@ def _with_rows(resolved: _Resolved, excluded: dict[str, np.ndarray]) -> Training
             )
     check_batch_sizes(settings.batch_sizes, len(rows["train"]), resolved.processes)
     observed = {
-        kind: prepared.observed_set(name)["trainval"][rows["train"]]
+        kind: _observed_rows(prepared.observed_set(name)["trainval"], rows["train"])
         for kind, name in resolved.observed_sets.items()
     }
     scores = training_scores(resolved.score_set, rows["train"])
@@ -175,8 +197,34 @@ def _with_rows(resolved: _Resolved, excluded: dict[str, np.ndarray]) -> Training
     )
 
 
-def _float(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+def _float(array: np.ndarray | CSR) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(dense(array), dtype=np.float32))
+
+
+def dense(matrix: np.ndarray | CSR) -> np.ndarray:
+    """A label matrix as a dense array (a CSR expanded)."""
+    return matrix.to_dense() if isinstance(matrix, CSR) else matrix
+
+
+def _observed_rows(matrix, rows: np.ndarray) -> np.ndarray | CSR:
+    """An observed set's training rows: dense as stored, a CSR for a sparse labels.h5."""
+    if isinstance(matrix, SparseRows):
+        return csr_rows(matrix, rows, "values")
+    return matrix[rows]
+
+
+def csr_rows(matrix: SparseRows, rows: np.ndarray, view: str) -> CSR:
+    """``rows`` of a stored CSR matrix under a view (:class:`~spl.data.labels.SparseRows`):
+    ``values`` as stored, ``positive`` the +1 entries as 1, ``known`` every stored entry as
+    1 (read as True)."""
+    part = matrix.csr().take(np.asarray(rows, dtype=np.int64))
+    if view == "values":
+        return part
+    keep = part.values == 1 if view == "positive" else part.values != 0
+    row_of = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
+    return CSR.from_entries(
+        row_of[keep], part.indices[keep], np.ones(int(keep.sum()), np.int8), part.shape
+    )
 
 
 def check_batch_sizes(batch_sizes: list[int], train_rows: int, processes: int = 1) -> None:
@@ -363,7 +411,7 @@ def write_pseudo_labels(run: Run, inputs: TrainingInputs) -> str:
     rows: list[dict] = []
     labels = inputs.labels("train")
     for key, positives in inputs.pseudo.items():
-        observed = inputs.observed[LOSSES[key].trains_on]
+        observed = dense(inputs.observed[LOSSES[key].trains_on])
         rows += pseudo_label_quality(positives, observed, labels, inputs.prepared.classes, key)
     if not rows:
         return ""

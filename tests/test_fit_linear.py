@@ -106,9 +106,11 @@ def test_fit_linear_writes_the_run_directory(imported, tmp_path, runner):
     # (less the gaps between phases, a few milliseconds)
     timings = config["timings"]
     phases = {"command", "read_labels", "read_features", "open_run", "setup", "first_step",
-              "steps", "loss_hooks", "validation", "on_epoch", "test_scoring", "write_results"}  # fmt: skip
+              "steps", "feature_wait", "loss_hooks", "validation", "on_epoch", "test_scoring",
+              "write_results"}  # fmt: skip
     assert set(timings) == phases | {"total"} and min(timings.values()) >= 0
     assert timings["steps"] > 0 and timings["on_epoch"] > 0
+    assert timings["feature_wait"] == 0  # resident features: no step waits for a batch
     # (each value is rounded to the millisecond, so the sum may pass the total by a few)
     assert -0.01 <= timings["total"] - sum(timings[p] for p in phases) < 0.5
     assert "| ROLE |" in (run / "summary.md").read_text()
