@@ -3,8 +3,9 @@ job, DataLoader workers, and the named random streams every seeded draw comes fr
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,19 +73,31 @@ class Processes:
     owns_group: bool = False
 
     @classmethod
-    def start(cls, device: str) -> Processes:
+    def start(cls, device: str, *, timeout: datetime.timedelta | None = None) -> Processes:
+        """This process's place, its device (under torchrun, the GPU of its local rank) and
+        the process group; ``timeout``: how long a collective waits for the slowest process
+        (torch's default when None; a job whose processes finish their shares at different
+        times, as ``fit-linear``'s, needs longer)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         chosen = resolve_device(device, local_rank if world > 1 else None)
         if chosen.type == "cuda":
+            if world > 1 and chosen.index >= torch.cuda.device_count():
+                raise SplError(
+                    f"this torchrun process has local rank {local_rank}, but this machine has "
+                    f"{torch.cuda.device_count()} GPUs: start one process per GPU "
+                    f"(--nproc_per_node {torch.cuda.device_count()})"
+                )
             torch.cuda.set_device(chosen)
         procs = cls(rank=rank, world=world, local_rank=local_rank, device=chosen)
         if world > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+                backend = "nccl" if chosen.type == "cuda" else "gloo"
+                options = {} if timeout is None else {"timeout": timeout}
+                dist.init_process_group(backend, **options)
                 procs.owns_group = True
         return procs
 
@@ -124,11 +137,35 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
+    def gather_in_order(self, owners: Sequence[int], mine: Mapping[int, object]) -> list | None:
+        """Items spread over the processes, in order, on rank 0 (None on the other ranks):
+        item ``i`` is ``mine[i]`` on rank ``owners[i]``. Sent one item at a time, point to
+        point, so that rank 0 never holds more than one item in transit."""
+        if self.world == 1:
+            return [mine[i] for i in range(len(owners))]
+        import torch.distributed as dist
+
+        gathered = []
+        for index, owner in enumerate(owners):
+            if owner == self.rank == 0:
+                gathered.append(mine[index])
+            elif self.rank == owner:
+                dist.send_object_list([mine[index]], dst=0)
+            elif self.rank == 0:
+                box = [None]
+                dist.recv_object_list(box, src=owner)
+                gathered.append(box[0])
+        return gathered if self.rank == 0 else None
+
+    def close(self, *, failed: bool = False) -> None:
+        """The process group goes, once every rank has arrived; ``failed``: this process
+        leaves on an error, at once (the others may wait in another collective, which a
+        barrier here would never meet: torchrun stops them when this process exits)."""
         if self.owns_group:
             import torch.distributed as dist
 
-            self.all_ok(True)  # every rank arrives before the group goes away
+            if not failed:
+                self.all_ok(True)  # every rank arrives before the group goes away
             dist.destroy_process_group()
 
 

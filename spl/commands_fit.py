@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import click
@@ -29,10 +30,13 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
 
     Defaults are the paper's protocol: 9 losses, lrs 1e-2..1e-5, batch sizes 8 and 16,
     25 epochs; per loss, the best val configuration is reported with its test mAP.
+    Under torchrun (one process per GPU) the sweep's (seed, batch size) groups are spread
+    over the processes and rank 0 writes the run a single process writes.
     """
     from spl.evaluate.report import linear_table
     from spl.fit.losses import LOSSES
     from spl.linear import run_linear
+    from spl.linear_shards import check_loss_parts
     from spl.runs import read_csv
 
     run = settings_from_cli(ctx, FitLinearOptions, options)
@@ -44,6 +48,8 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
         dataset, tag = Path(config["dataset"]), config["feature_tag"]
     elif dataset is None or tag is None:
         raise SplError("give DATASET and --features TAG (or --resume RUN_DIR)")
+    else:  # its range depends on --losses; checked again (named as a flag) in run_linear
+        check_loss_parts(settings.loss_parts, settings.losses, _given_as(ctx, "loss_parts"))
     if run.dry_run:
         from spl.linear import plan_of_run
 
@@ -53,8 +59,19 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
         dataset, tag, settings, run.out, resume=run.resume, progress=not run.quiet,
         log=click.echo, run_file=run.run_file,
     )  # fmt: skip
-    click.echo(f"run: {run_dir}")
-    click.echo(linear_table(read_csv(run_dir / "results.csv"), LOSSES))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
+        click.echo(f"run: {run_dir}")
+        click.echo(linear_table(read_csv(run_dir / "results.csv"), LOSSES))
+
+
+def _given_as(ctx: click.Context, name: str) -> str:
+    """How a message names a setting: the --config file and key it came from, or its flag."""
+    from click.core import ParameterSource
+
+    config = ctx.meta.get("spl_config_file")
+    if config and ctx.get_parameter_source(name) == ParameterSource.DEFAULT_MAP:
+        return f"{config}: {name}"
+    return "--" + name.replace("_", "-")
 
 
 @click.command("import-features")

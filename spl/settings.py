@@ -158,6 +158,19 @@ class LinearSettings(GridSettings):
     histogram_bins: int = setting(
         protocol.HISTOGRAM_BINS, parse=at_least(0), help="0 turns histograms off."
     )
+    loss_parts: int = setting(
+        1,
+        parse=at_least(1),
+        help="Train each (seed, batch size) group's losses as this many engine groups, of "
+        "about equal work (1 to the number of losses), so that more torchrun processes can "
+        "share a sweep. Moves the last bits of the results (a group's width enters its "
+        "arithmetic); a run is the same whatever the number of processes.",
+    )
+    # fit-linear's batch sizes are never split over torchrun's processes (GridSettings' help
+    # says how finetune's are): each is its own engine group, trained whole by one process.
+    batch_sizes: list[int] = setting(
+        factory=lambda: list(protocol.BATCH_SIZES), parse=positive_ints, help="Batch sizes."
+    )
     stream_features: bool = setting(
         False,
         help="Read the features from the feature file a batch at a time (a background "

@@ -55,7 +55,7 @@ def samples(tmp: Path) -> dict[type, dict]:
         s.LossSettings: LOSS,
         s.GridSettings: GRID,
         s.LinearSettings: {**GRID, "losses": ["an", "role", "em_apl", "ll_cp"], "epochs": 3,
-                           "histogram_bins": 0, "stream_features": True,
+                           "histogram_bins": 0, "loss_parts": 3, "stream_features": True,
                            "memory_budget": 3 * 2**30},
         s.FinetuneSettings: {
             **GRID, "loss": "role", "recipe": "source", "init_from": "runs/x/linear-1",
