@@ -29,10 +29,11 @@ from conftest import invoke, kill_when_file_appears
 SAME_BYTES = ("results.csv", "per_class_ap.csv", "history.jsonl", "summary.md")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The in-process runs on one thread, as torchrun's processes with OMP_NUM_THREADS=1
-    (on a busy 2-core machine, two threads per tiny product spin more than they compute)."""
+    """The in-process runs (the module's fixtures' too) on one thread, as torchrun's
+    processes with OMP_NUM_THREADS=1 (on a busy 2-core machine, two threads per tiny
+    product spin more than they compute)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -65,14 +66,14 @@ def _fit_args(dataset: Path, out: Path, *extra) -> list[str]:
                              "--quiet", *extra)]  # fmt: skip
 
 
-def _torchrun_command(args: list[str], processes: int = 2) -> list[str]:
+def _torchrun_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(processes), "-m", "spl", *args]  # fmt: skip
+            "--nproc_per_node", "2", "-m", "spl", *args]  # fmt: skip
 
 
-def _torchrun(args: list[str], cwd: Path, processes: int = 2) -> str:
+def _torchrun(args: list[str], cwd: Path) -> str:
     done = subprocess.run(
-        _torchrun_command(args, processes), cwd=cwd, capture_output=True, text=True,
+        _torchrun_command(args), cwd=cwd, capture_output=True, text=True,
         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
