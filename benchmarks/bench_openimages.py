@@ -122,7 +122,7 @@ def command_inputs(args):
     within the budget)."""
     from spl.data.prepared import load_prepared
     from spl.extract.features import unreadable_rows
-    from spl.linear import memory_plan
+    from spl.linear_plan import memory_plan
     from spl.settings import LinearSettings
     from spl.training import training_inputs
 
@@ -139,7 +139,7 @@ def command_inputs(args):
 def engine(inputs, plan, device: str):
     """The engine as ``fit_heads`` makes it (one epoch: the steps are what is timed)."""
     from spl.fit.engine import StackedHeads
-    from spl.linear import engine_options
+    from spl.linear_plan import engine_options
 
     settings = inputs.settings
     return StackedHeads(losses=inputs.losses, lrs=settings.lrs, batch_sizes=settings.batch_sizes,
@@ -168,7 +168,7 @@ def part_full(args) -> dict:
     """Part 2: the full-size set-up and one epoch's validation (module docstring)."""
     from spl.fit.epoch import hidden_positive_histogram, validate
     from spl.fit.losses import SINGLE_POSITIVE, WITH_NEGATIVES
-    from spl.linear import streamed_split_features, val_known
+    from spl.linear_plan import streamed_split_features, val_known
 
     started = time.perf_counter()
     prepared, inputs, plan = command_inputs(args)
@@ -221,7 +221,7 @@ def part_steps(args) -> dict:
     """Part 3: one epoch of ``--steps`` batches drawn across the file, cold then warm."""
     from spl.fit.data import StreamedFeatures
     from spl.fit.losses import SINGLE_POSITIVE, WITH_NEGATIVES
-    from spl.linear import val_known
+    from spl.linear_plan import val_known
 
     prepared, inputs, plan = command_inputs(args)
     rng = np.random.default_rng(args.seed)

@@ -51,7 +51,7 @@ def fit_linear(ctx: click.Context, dataset: Path | None, **options) -> None:
     else:  # its range depends on --losses; checked again (named as a flag) in run_linear
         check_loss_parts(settings.loss_parts, settings.losses, _given_as(ctx, "loss_parts"))
     if run.dry_run:
-        from spl.linear import plan_of_run
+        from spl.linear_plan import plan_of_run
 
         click.echo(plan_of_run(dataset, tag, settings).text())
         return

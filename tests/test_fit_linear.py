@@ -316,7 +316,7 @@ def test_checkpoints_take_a_bounded_share_of_the_run(tmp_path):
     what writing one took, so writing checkpoints stays a small share of a long sweep."""
     import time
 
-    from spl.linear import CHECKPOINT_SHARE, _checkpoints
+    from spl.linear import CHECKPOINT_SHARE, checkpoint_writer
     from spl.runs import Run
 
     saves = []
@@ -330,7 +330,7 @@ def test_checkpoints_take_a_bounded_share_of_the_run(tmp_path):
             return {"saved": len(saves)}
 
     run = Run(tmp_path, {})
-    on_epoch = _checkpoints(run, None)
+    on_epoch = checkpoint_writer(run, None)
     record = {"group": type("G", (), {"heads": ["h"]})()}
     on_epoch(SlowToSave(), record)
     on_epoch(SlowToSave(), record)  # right after: not due

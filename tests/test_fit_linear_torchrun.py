@@ -325,7 +325,7 @@ def test_a_run_interrupted_by_an_earlier_version_resumes_under_torchrun(
     from spl.extract.features import unreadable_rows
     from spl.fit.engine import StackedHeads
     from spl.fit.losses import SINGLE_POSITIVE, WITH_NEGATIVES
-    from spl.linear import split_features
+    from spl.linear_plan import split_features
     from spl.runs import mark_incomplete, read_jsonl
     from spl.settings import settings_from
     from spl.training import training_inputs

@@ -20,7 +20,7 @@ from sklearn.metrics import average_precision_score
 from spl.data import labels as label_store
 from spl.data.prepared import load_prepared
 from spl.extract.features import FORMAT, feature_path, load_features, write_features
-from spl.linear import plan_of_run
+from spl.linear_plan import plan_of_run
 from spl.memory_plan import HEAD_COPIES, parse_size
 from spl.runs import read_csv
 from spl.settings import LinearSettings
