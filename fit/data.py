@@ -4,7 +4,7 @@ from the feature file and from label matrices kept compactly in host memory.
 
 - :class:`Features`: a split's features as ``[B, D + 1]`` blocks (the ones column last) in
   the engine's dtype. :class:`ResidentFeatures` holds the whole split on the device;
-  :class:`StreamedFeatures` reads rows from the HDF5 feature file (a memory map of the
+  :class:`StreamedFeatures` reads rows from the HDF5 feature file (positional reads in the
   dataset when its layout allows, else through h5py), sorted, float16 files converted per
   block.
 - :class:`LabelRows`: an ``[N, L]`` label matrix (dense, or a :class:`~spl.data.labels.CSR`
@@ -24,6 +24,7 @@ streamed one in blocks of :data:`SCORE_ROWS` rows.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -118,7 +119,8 @@ class StreamedFeatures(Features):
 
     ``rows`` maps the split's rows to the file's (the split's rows of its source file,
     unreadable images left out; default all rows). A contiguous, uncompressed dataset is
-    read through a memory map (the page cache serves repeated epochs), any other layout
+    read by positional reads at the dataset's offset (the page cache serves repeated epochs;
+    a memory map would count the file's pages in the process's memory), any other layout
     through h5py; either way the rows of a read are sorted and read at once. The file's
     dtype (float16 or float32) becomes ``dtype`` per block, exactly.
     """
@@ -138,13 +140,11 @@ class StreamedFeatures(Features):
         dataset = self._h5[name]
         self.file_shape = tuple(dataset.shape)
         self.file_dtype = np.dtype(dataset.dtype)
-        offset = contiguous_offset(dataset)
-        self.layout = "memmap" if offset is not None else "hdf5"
-        self._memmap = None
-        if offset is not None:
-            self._memmap = np.memmap(
-                self.path, dtype=self.file_dtype, mode="r", offset=offset, shape=self.file_shape
-            )
+        self._offset = contiguous_offset(dataset)
+        self.layout = "direct" if self._offset is not None else "hdf5"
+        self._file = None
+        if self._offset is not None:
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self._dataset = dataset
         self.file_rows = (
             np.arange(self.file_shape[0], dtype=np.int64)
@@ -161,10 +161,35 @@ class StreamedFeatures(Features):
             part = slice(int(file_rows[0]), int(file_rows[-1]) + 1)  # a range: one slice
         else:
             part = file_rows
-        if self._memmap is not None:  # a copy: the map is read-only
-            return np.array(self._memmap[part]) if isinstance(part, slice) else self._memmap[part]
+        if self._file is not None:
+            return self._read_direct(file_rows)
         with self._lock:  # one h5py read at a time: the read-ahead thread and a pass
             return self._dataset[part]
+
+    def _read_direct(self, file_rows: np.ndarray) -> np.ndarray:
+        """Sorted rows of a contiguous dataset by positional reads at its offset, one read
+        per run of consecutive rows. Not a memory map: a map's pages count in the process's
+        resident memory once touched (a pass over a 4 GiB file made it 4 GiB larger, beyond
+        the memory plan), where these reads leave the file's pages to the page cache, which
+        the kernel shares and gives back."""
+        row_bytes = self.file_shape[1] * self.file_dtype.itemsize
+        out = np.empty((len(file_rows), self.file_shape[1]), dtype=self.file_dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        breaks = np.flatnonzero(np.diff(file_rows) != 1) + 1
+        starts = np.concatenate([[0], breaks]).astype(np.int64)
+        stops = np.concatenate([breaks, [len(file_rows)]]).astype(np.int64)
+        fd = self._file.fileno()
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            where = self._offset + int(file_rows[start]) * row_bytes
+            chunk = view[start * row_bytes : stop * row_bytes]
+            while len(chunk):
+                got = os.preadv(fd, [chunk], where)
+                if got <= 0:
+                    raise OSError(
+                        f"{self.path}: the feature file ends before row {file_rows[start]}"
+                    )
+                chunk, where = chunk[got:], where + got
+        return out
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
         file_rows = self.file_rows[np.asarray(rows, dtype=np.int64)]
@@ -188,7 +213,9 @@ class StreamedFeatures(Features):
             yield start, stop, self.read(rows).to(self.device)
 
     def close(self) -> None:
-        self._memmap = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self._h5.close()
 
     def __repr__(self) -> str:

@@ -216,7 +216,7 @@ def test_benchmark_runs_on_a_tiny_dataset(tmp_path):
     measured = json.loads(record.read_text())
     assert measured["plans"]["The paper's nine losses"]["rc"] == 0
     assert "memory plan on cpu" in measured["full"]["plan"]
-    assert measured["full"]["train_rows"] == 320 and measured["full"]["layout"] == "memmap"
+    assert measured["full"]["train_rows"] == 320 and measured["full"]["layout"] == "direct"
     for run in measured["steps"]["runs"].values():
         assert run["steps"] == 10 and 0 <= run["wait_share"] < 1
         assert run["timings"]["steps"] > 0

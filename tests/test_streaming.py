@@ -151,7 +151,7 @@ def test_float16_chunked_file_streams_to_the_resident_numbers(imported, tmp_path
     for chunks in ((16, 4), None):
         _rewrite(imported, "h", np.float16, chunks)
         features = StreamedFeatures(feature_path(imported, "h"), "trainval", np.arange(40, 80))
-        assert features.layout == ("hdf5" if chunks else "memmap")
+        assert features.layout == ("hdf5" if chunks else "direct")
         block = features.read(rows)
         features.close()
         expected = loaded.features["trainval"][40 + rows].astype(np.float16).astype(np.float32)
@@ -472,3 +472,41 @@ def test_read_ahead_gives_the_batches_in_order_and_raises_the_readers_error():
     next(reader)
     reader.close()
     assert not reader._thread.is_alive()
+
+
+_RSS_FILE_CHILD = """
+import sys, numpy as np, h5py
+from spl.fit.data import StreamedFeatures
+
+def rss_file():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("RssFile"))
+
+path = sys.argv[1]
+features = StreamedFeatures(path, "trainval")
+assert features.layout == "direct", features.layout
+h5 = h5py.File(path)
+before = rss_file()
+for start, stop, block in features.blocks():  # a pass over every row, as validation makes
+    assert np.array_equal(block[:, :-1].numpy(), h5["trainval"][start:stop])
+scattered = np.arange(3, features.num_rows, 7)  # scattered rows, as batches are
+assert np.array_equal(features.read(scattered)[:, :-1].numpy(), h5["trainval"][scattered])
+print(rss_file() - before)
+"""
+
+
+def test_a_streamed_pass_leaves_the_file_out_of_the_process_memory(tmp_path):
+    """The memory plan counts streamed features as zero: reading them must not make the
+    file's pages the process's (a memory map's pages count in its resident memory once
+    touched, and a pass over OpenImages' 7 GiB of features made it that much larger)."""
+    path = tmp_path / "big.h5"
+    rows, dim = 40_000, 512  # 78 MiB of float32
+    with h5py.File(path, "w") as h5:
+        data = h5.create_dataset("trainval", (rows, dim), np.float32)  # contiguous
+        for start in range(0, rows, 8_000):
+            data[start : start + 8_000] = np.random.RandomState(start).rand(8_000, dim)
+    grown = subprocess.run(
+        [sys.executable, "-c", _RSS_FILE_CHILD, str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert int(grown) < 16 * 2**20  # far below the 78 MiB a memory map would add
