@@ -6,6 +6,7 @@ the OpenImages rule (checked against scikit-learn); the memory plan against a ha
 budgets refused with what to reduce."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -510,3 +511,26 @@ def test_a_streamed_pass_leaves_the_file_out_of_the_process_memory(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert int(grown) < 16 * 2**20  # far below the 78 MiB a memory map would add
+
+
+@pytest.mark.slow
+def test_openimages_under_torchrun_equals_one_process(openimages, tmp_path):
+    """The fixture's sparse, partially labelled dataset on its verified labels, features
+    streamed: two torchrun processes (gloo) write the run one process writes, file for file.
+    Both sides with one thread a process, as torchrun gives each."""
+    from test_fit_linear_torchrun import _assert_same_run, _torchrun_command
+
+    args = [str(a) for a in ("fit-linear", openimages["sparse"], "--features", "f", "--quiet",
+                             "--observed", "verified", "--stream-features", "--epochs", 3,
+                             "--lrs", "1e-2", *OI_GRID, "an,role,epr")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, command in (
+        ("one", [sys.executable, "-m", "spl"]),
+        ("two", _torchrun_command([])),
+    ):
+        done = subprocess.run([*command, *args, "--out", str(tmp_path / out)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = _run(tmp_path / "one"), _run(tmp_path / "two")
+    _assert_same_run(one, two)
+    assert json.loads((two / "config.json").read_text())["processes"] == 2
