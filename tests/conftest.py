@@ -57,3 +57,23 @@ def kill_when_file_appears(
             return found[0]
         time.sleep(0.02)
     raise AssertionError(f"{pattern} did not appear before the process ended")
+
+
+def user_arrays(tmp_path: Path, n_train=300, n_test=120, dim=24, classes=6, seed=0) -> dict:
+    """A user's arrays for `spl import-features`, saved as .npy under ``tmp_path``: labels
+    with one positive or more an image, features informative about them (class centres
+    plus noise). Returns the command's options as ``{"train-features": path, ...}``."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(classes, dim)
+    paths = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (rng.rand(n, classes) < 0.3).astype(np.uint8)
+        labels[np.arange(n), rng.randint(0, classes, n)] = 1
+        feats = (labels @ centers + 0.8 * rng.randn(n, dim)).astype(np.float32)
+        paths[f"{split}-features"] = tmp_path / f"{split}_f.npy"
+        paths[f"{split}-labels"] = tmp_path / f"{split}_l.npy"
+        np.save(paths[f"{split}-features"], feats)
+        np.save(paths[f"{split}-labels"], labels)
+    return paths

@@ -15,22 +15,9 @@ from spl.evaluate.selection import select_best
 from spl.extract.features import feature_path, load_features, write_features
 from spl.runs import read_csv
 
-from conftest import invoke, kill_when_file_appears
+from conftest import invoke, kill_when_file_appears, user_arrays
 
-
-def _arrays(tmp_path, n_train=300, n_test=120, dim=24, classes=6, seed=0):
-    rng = np.random.RandomState(seed)
-    centers = rng.randn(classes, dim)
-    paths = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = (rng.rand(n, classes) < 0.3).astype(np.uint8)
-        labels[np.arange(n), rng.randint(0, classes, n)] = 1
-        feats = (labels @ centers + 0.8 * rng.randn(n, dim)).astype(np.float32)
-        paths[f"{split}-features"] = tmp_path / f"{split}_f.npy"
-        paths[f"{split}-labels"] = tmp_path / f"{split}_l.npy"
-        np.save(paths[f"{split}-features"], feats)
-        np.save(paths[f"{split}-labels"], labels)
-    return paths
+_arrays = user_arrays  # (other test modules import it under this name)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from spl.memory_plan import HEAD_COPIES, parse_size
 from spl.runs import read_csv
 from spl.settings import LinearSettings
 
-from conftest import invoke, kill_when_file_appears
+from conftest import invoke, kill_when_file_appears, user_arrays
 
 GRID = ["--epochs", 2, "--lrs", "1e-2", "--batch-sizes", "8,16", "--quiet"]
 # a loss on each of the engine's routes: label-only weights (an, epr's weights...), fused
@@ -34,19 +34,8 @@ GRID = ["--epochs", 2, "--lrs", "1e-2", "--batch-sizes", "8,16", "--quiet"]
 LOSSES = ["--losses", "an,role,epr,ll_r,iun"]
 
 
-def _arrays(tmp_path, n_train=120, n_test=60, dim=10, classes=5, seed=0):
-    rng = np.random.RandomState(seed)
-    centers = rng.randn(classes, dim)
-    paths = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = (rng.rand(n, classes) < 0.3).astype(np.uint8)
-        labels[np.arange(n), rng.randint(0, classes, n)] = 1
-        feats = (labels @ centers + 0.8 * rng.randn(n, dim)).astype(np.float32)
-        paths[f"{split}-features"] = tmp_path / f"{split}_f.npy"
-        paths[f"{split}-labels"] = tmp_path / f"{split}_l.npy"
-        np.save(paths[f"{split}-features"], feats)
-        np.save(paths[f"{split}-labels"], labels)
-    return paths
+def _arrays(tmp_path):
+    return user_arrays(tmp_path, n_train=120, n_test=60, dim=10, classes=5)
 
 
 @pytest.fixture(scope="module")
