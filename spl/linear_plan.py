@@ -5,6 +5,7 @@ inputs, with what the plan tells the engine and the scoring."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +87,20 @@ def streamed_split_features(
     return features, attrs
 
 
-def memory_plan(inputs: TrainingInputs, tag: str, device: torch.device) -> MemoryPlan:
+def memory_plan(
+    inputs: TrainingInputs, tag: str, device: torch.device, *, sharing: int | None = None
+) -> MemoryPlan:
     """The sweep's memory plan (:mod:`spl.memory_plan`) within ``--memory-budget`` (default:
     the machine's), streaming the features when ``--stream-features`` asks; refused before
-    a run exists when it cannot fit."""
+    a run exists when it cannot fit. ``sharing``: the processes of a torchrun job on this
+    machine (default: torchrun's ``LOCAL_WORLD_SIZE``), which share a CPU's budget."""
     settings = inputs.settings
     budget = settings.memory_budget or machine_budget(str(device))
+    if sharing is None:
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     shape = sweep_shape(inputs, tag)
-    return plan_linear(shape, budget, str(device), stream_features=settings.stream_features)
+    return plan_linear(shape, budget, str(device), stream_features=settings.stream_features,
+                       sharing=sharing)  # fmt: skip
 
 
 def sweep_shape(inputs: TrainingInputs, tag: str) -> SweepShape:

@@ -109,6 +109,7 @@ class MemoryPlan:
     budget: int
     device: str
     items: list[PlanItem] = field(default_factory=list)
+    sharing: int = 1  # processes of a torchrun job sharing this machine's RAM (CPU only)
     stream_features: bool = False
     resident_labels: bool = True
     score_bytes: int = 0
@@ -133,6 +134,7 @@ class MemoryPlan:
         return {
             "budget": self.budget,
             "device": self.device,
+            "sharing": self.sharing,
             "total": self.total,
             "stream_features": self.stream_features,
             "resident_labels": self.resident_labels,
@@ -156,6 +158,9 @@ class MemoryPlan:
             )
         if self.device.startswith("cuda"):
             lines.append("  (on a GPU the budget bounds the device's items)")
+        if self.sharing > 1:
+            lines.append(f"  (this process's share: the budget divided by the {self.sharing} "
+                         "torchrun processes sharing this machine's memory)")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -202,12 +207,23 @@ class SweepShape:
 
 
 def plan_linear(
-    shape: SweepShape, budget: int, device: str, *, stream_features: bool = False
+    shape: SweepShape,
+    budget: int,
+    device: str,
+    *,
+    stream_features: bool = False,
+    sharing: int = 1,
 ) -> MemoryPlan:
     """The plan of a sweep of ``shape`` within ``budget`` bytes on ``device``: features
     stream when asked or when they do not fit, then the label matrices are read per batch,
     then the scoring blocks shrink (:data:`~spl.evaluate.blocks.SCORE_BYTES` at most); refused (:class:`~spl.data.common.SplError`) when it
-    still does not fit, naming the largest item that cannot stream and what reduces it."""
+    still does not fit, naming the largest item that cannot stream and what reduces it.
+    On a CPU, ``sharing`` processes (a torchrun job's on this machine) share the budget:
+    each plans within its equal share (on CUDA each process has its own GPU)."""
+    if sharing < 1:
+        raise ValueError(f"sharing must be at least 1, not {sharing}")
+    if not device.startswith("cuda"):
+        budget //= sharing
     from spl.evaluate.blocks import SCORE_BYTES, block_bytes
 
     s = shape
@@ -307,7 +323,7 @@ def plan_linear(
 
     full_scoring = block_bytes(largest_group, score_rows, s.classes, s.ap_chunk, item)
     least_scoring = block_bytes(min(largest_group, s.ap_chunk), score_rows, 1, s.ap_chunk, item)
-    plan = MemoryPlan(budget=budget, device=device)
+    plan = MemoryPlan(budget=budget, device=device, sharing=sharing)
     # What changes no number goes first (features streamed, labels read per batch), then
     # the scoring blocks shrink (smaller products: the same numbers to rounding).
     steps = [(True, True), (True, False)]

@@ -523,3 +523,38 @@ def test_openimages_under_torchrun_equals_one_process(openimages, tmp_path):
     one, two = _run(tmp_path / "one"), _run(tmp_path / "two")
     _assert_same_run(one, two)
     assert json.loads((two / "config.json").read_text())["processes"] == 2
+
+
+def test_torchrun_processes_on_one_cpu_machine_share_its_budget(imported, monkeypatch):
+    """N processes of a torchrun job on one machine each plan within budget / N on a CPU
+    (they share its RAM); each GPU's budget is its own, so CUDA plans keep the whole."""
+    settings = LinearSettings(losses=["an", "role"], lrs=[1e-2, 1e-3], batch_sizes=[8, 16])
+    alone = plan_of_run(imported, "imported", settings)
+    budget = 2 * alone.total - 2  # fits alone, not in half of it
+    settings = LinearSettings(losses=["an", "role"], lrs=[1e-2, 1e-3], batch_sizes=[8, 16],
+                              memory_budget=budget)  # fmt: skip
+    assert plan_of_run(imported, "imported", settings).budget == budget
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    shared = plan_of_run(imported, "imported", settings)  # features stream to fit the share
+    assert shared.budget == budget // 2 and shared.sharing == 2 and shared.stream_features
+    assert "divided by the 2 torchrun processes" in shared.text()
+    from spl.memory_plan import plan_linear  # the CUDA rule, on the same shape
+
+    shape = _shape(imported, settings)
+    assert plan_linear(shape, budget, "cuda:0", sharing=2).budget == budget
+    assert plan_linear(shape, budget, "cpu", sharing=2).budget == budget // 2
+    with pytest.raises(ValueError):
+        plan_linear(shape, budget, "cpu", sharing=0)
+
+
+def _shape(dataset, settings):
+    from spl.data.prepared import load_prepared as load
+    from spl.extract.features import unreadable_rows
+    from spl.linear_plan import sweep_shape
+    from spl.training import training_inputs
+
+    prepared = load(dataset)
+    inputs = training_inputs(
+        prepared, settings, settings.losses, unreadable_rows(prepared, "imported")
+    )
+    return sweep_shape(inputs, "imported")
