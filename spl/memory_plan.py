@@ -206,6 +206,105 @@ class SweepShape:
     dense_init: bool = False  # a loss initialises its state from a dense observed set
 
 
+def _split_rows(s: SweepShape) -> dict[str, int]:
+    return {"train": s.train_rows, "val": s.val_rows, "test": s.test_rows}
+
+
+def feature_items(s: SweepShape, streamed: bool) -> list[PlanItem]:
+    """The features: each split resident in the engine's dtype, or the read-ahead buffers
+    and a pass's blocks when they stream."""
+    width, item = s.features + 1, s.itemsize
+    split_rows = _split_rows(s)
+    if not streamed:
+        return [
+            PlanItem(f"{split} features", rows * width * item,
+                     reduce="they stream (--stream-features)")
+            for split, rows in split_rows.items()
+        ]  # fmt: skip
+    from spl.fit.data import READ_AHEAD_ROWS, READ_AHEAD_WINDOWS, SCORE_ROWS
+
+    # the windows queued, the one being read and the one the steps take batches from
+    window = READ_AHEAD_ROWS + max(s.batch_sizes) - 1
+    buffers = (READ_AHEAD_WINDOWS + 2) * min(window, s.train_rows) * width * item
+    # a pass over a split reads a block of rows: as stored, then in the engine's dtype
+    score_rows = max(split_rows.values())
+    block = min(SCORE_ROWS, score_rows) * s.features * s.feature_itemsize
+    block += min(SCORE_ROWS, score_rows) * width * item
+    return [
+        PlanItem("features (streamed from the feature file)", 0, "host", True),
+        PlanItem("read-ahead buffers", buffers, "host", True),
+        PlanItem("feature blocks of a pass", block, streamed=True),
+    ]
+
+
+def label_items(s: SweepShape, resident: bool) -> list[PlanItem]:
+    """The label matrices as stored, and their dense copies on the device when resident."""
+    item = s.itemsize
+    items = [
+        PlanItem("label matrices as stored", s.host_labels, "host",
+                 reduce="fewer observed sets or a sparse labels.h5"),
+    ]  # fmt: skip
+    if not resident:
+        return items
+    train = (1 + s.observed_sets) * s.train_rows * s.classes * item
+    items.append(PlanItem("train labels and observed sets (dense)", train,
+                          reduce="they are read per batch"))  # fmt: skip
+    items.append(PlanItem("val labels (dense)", s.val_rows * s.classes * item,
+                          reduce="they are read per batch"))  # fmt: skip
+    if s.weight_tables:
+        tables = 2 * s.weight_tables * s.train_rows * s.classes * item
+        items.append(PlanItem("label-only weight tables of an epoch", tables,
+                              reduce="they are computed per batch"))  # fmt: skip
+    return items
+
+
+def fixed_items(s: SweepShape) -> list[PlanItem]:
+    """What no plan streams: heads and Adam, each loss's per-row state, the dense observed
+    set a loss's initial state is made from, the histograms' positives."""
+    width, item = s.features + 1, s.itemsize
+    heads = sum(s.group_heads)
+    items = [
+        PlanItem(
+            f"heads and their Adam state ({heads} heads)",
+            HEAD_COPIES * heads * s.classes * width * item
+            + max(s.group_heads) * s.classes * width * item,  # the weights validation reads
+            reduce="fewer heads: fewer --lrs, --batch-sizes, --seeds or --losses",
+        )
+    ]
+    for state in s.loss_states:
+        size = (
+            s.train_rows
+            * (state.heads * state.bytes_per_row + state.groups * state.bytes_shared_per_row)
+            + state.bytes_fixed
+        )
+        if size:
+            items.append(
+                PlanItem(
+                    f"{state.key}'s state ({state.heads} heads)",
+                    size,
+                    reduce=f"fewer {state.key} heads (fewer --lrs, --batch-sizes or "
+                    f"--seeds), or leave {state.key} out of --losses",
+                )
+            )
+    if s.dense_init:  # (fit/group.py: a dense [N, L] copy for the call, one at a time)
+        items.append(
+            PlanItem(
+                "observed set made dense for a loss's initial state",
+                s.train_rows * s.classes * item,
+                reduce="leave out the losses with a per-row state",
+            )
+        )
+    if s.hidden_positives:
+        items.append(
+            PlanItem(
+                "unobserved positives followed by the histograms",
+                16 * s.hidden_positives,  # rows on the device and on the host, int64
+                reduce="--histogram-bins 0",
+            )
+        )
+    return items
+
+
 def plan_linear(
     shape: SweepShape,
     budget: int,
@@ -216,111 +315,20 @@ def plan_linear(
 ) -> MemoryPlan:
     """The plan of a sweep of ``shape`` within ``budget`` bytes on ``device``: features
     stream when asked or when they do not fit, then the label matrices are read per batch,
-    then the scoring blocks shrink (:data:`~spl.evaluate.blocks.SCORE_BYTES` at most); refused (:class:`~spl.data.common.SplError`) when it
-    still does not fit, naming the largest item that cannot stream and what reduces it.
-    On a CPU, ``sharing`` processes (a torchrun job's on this machine) share the budget:
-    each plans within its equal share (on CUDA each process has its own GPU)."""
+    then the scoring blocks shrink (:data:`~spl.evaluate.blocks.SCORE_BYTES` at most);
+    refused (:class:`~spl.data.common.SplError`) when it still does not fit, naming the
+    largest item that cannot stream and what reduces it. On a CPU, ``sharing`` processes
+    (a torchrun job's on this machine) share the budget: each plans within its equal share
+    (on CUDA each process has its own GPU)."""
     if sharing < 1:
         raise ValueError(f"sharing must be at least 1, not {sharing}")
     if not device.startswith("cuda"):
         budget //= sharing
     from spl.evaluate.blocks import SCORE_BYTES, block_bytes
 
-    s = shape
-    width, item = s.features + 1, s.itemsize
-    heads = sum(s.group_heads)
+    s, item = shape, shape.itemsize
     largest_group = max(s.group_heads)
-    split_rows = {"train": s.train_rows, "val": s.val_rows, "test": s.test_rows}
-    score_rows = max(split_rows.values())
-
-    def features_items(streamed: bool) -> list[PlanItem]:
-        if not streamed:
-            return [
-                PlanItem(f"{split} features", rows * width * item,
-                         reduce="they stream (--stream-features)")
-                for split, rows in split_rows.items()
-            ]  # fmt: skip
-        from spl.fit.data import READ_AHEAD_ROWS, READ_AHEAD_WINDOWS, SCORE_ROWS
-
-        # the windows queued, the one being read and the one the steps take batches from
-        window = READ_AHEAD_ROWS + max(s.batch_sizes) - 1
-        buffers = (READ_AHEAD_WINDOWS + 2) * min(window, s.train_rows) * width * item
-        # a pass over a split reads a block of rows: as stored, then in the engine's dtype
-        block = min(SCORE_ROWS, score_rows) * s.features * s.feature_itemsize
-        block += min(SCORE_ROWS, score_rows) * width * item
-        return [
-            PlanItem("features (streamed from the feature file)", 0, "host", True),
-            PlanItem("read-ahead buffers", buffers, "host", True),
-            PlanItem("feature blocks of a pass", block, streamed=True),
-        ]
-
-    def label_items(resident: bool) -> list[PlanItem]:
-        items = [
-            PlanItem("label matrices as stored", s.host_labels, "host",
-                     reduce="fewer observed sets or a sparse labels.h5"),
-        ]  # fmt: skip
-        train = (1 + s.observed_sets) * s.train_rows * s.classes * item
-        if resident:
-            items.append(
-                PlanItem("train labels and observed sets (dense)", train,
-                         reduce="they are read per batch")
-            )  # fmt: skip
-            items.append(PlanItem("val labels (dense)", s.val_rows * s.classes * item,
-                                  reduce="they are read per batch"))  # fmt: skip
-            if s.weight_tables:
-                tables = 2 * s.weight_tables * s.train_rows * s.classes * item
-                items.append(
-                    PlanItem("label-only weight tables of an epoch", tables,
-                             reduce="they are computed per batch")
-                )  # fmt: skip
-        return items
-
-    def fixed_items() -> list[PlanItem]:
-        items = [
-            PlanItem(
-                f"heads and their Adam state ({heads} heads)",
-                HEAD_COPIES * heads * s.classes * width * item
-                + largest_group * s.classes * width * item,  # the weights validation reads
-                reduce="fewer heads: fewer --lrs, --batch-sizes, --seeds or --losses",
-            )
-        ]
-        for state in s.loss_states:
-            size = (
-                s.train_rows
-                * (state.heads * state.bytes_per_row + state.groups * state.bytes_shared_per_row)
-                + state.bytes_fixed
-            )
-            if size:
-                items.append(
-                    PlanItem(
-                        f"{state.key}'s state ({state.heads} heads)",
-                        size,
-                        reduce=f"fewer {state.key} heads (fewer --lrs, --batch-sizes or "
-                        f"--seeds), or leave {state.key} out of --losses",
-                    )
-                )
-        if s.dense_init:  # (fit/group.py: a dense [N, L] copy for the call, one at a time)
-            items.append(
-                PlanItem(
-                    "observed set made dense for a loss's initial state",
-                    s.train_rows * s.classes * item,
-                    reduce="leave out the losses with a per-row state",
-                )
-            )
-        if s.hidden_positives:
-            items.append(
-                PlanItem(
-                    "unobserved positives followed by the histograms",
-                    16 * s.hidden_positives,  # rows on the device and on the host, int64
-                    reduce="--histogram-bins 0",
-                )
-            )
-        return items
-
-    def scoring(size: int) -> PlanItem:
-        return PlanItem("scoring blocks (val, test, recovery)", size,
-                        reduce="fewer heads per group: fewer --losses or --lrs")  # fmt: skip
-
+    score_rows = max(_split_rows(s).values())
     full_scoring = block_bytes(largest_group, score_rows, s.classes, s.ap_chunk, item)
     least_scoring = block_bytes(min(largest_group, s.ap_chunk), score_rows, 1, s.ap_chunk, item)
     plan = MemoryPlan(budget=budget, device=device, sharing=sharing)
@@ -332,13 +340,19 @@ def plan_linear(
     for (streamed, resident_labels), shrink in [(step, False) for step in steps] + [
         (steps[-1], True)
     ]:
-        plan.items = features_items(streamed) + label_items(resident_labels) + fixed_items()
+        plan.items = feature_items(s, streamed) + label_items(s, resident_labels) + fixed_items(s)
         plan.stream_features, plan.resident_labels = streamed, resident_labels
         plan.score_bytes = min(SCORE_BYTES, full_scoring)
         room = budget - plan.total
         if shrink and plan.score_bytes > room:  # down to one class of a few heads
             plan.score_bytes = max(least_scoring, room)
-        plan.items.append(scoring(plan.score_bytes))
+        plan.items.append(
+            PlanItem(
+                "scoring blocks (val, test, recovery)",
+                plan.score_bytes,
+                reduce="fewer heads per group: fewer --losses or --lrs",
+            )  # fmt: skip
+        )
         if plan.fits:
             return plan
     raise SplError(refusal(plan))
