@@ -182,7 +182,8 @@ class LinearSettings(GridSettings):
         show_default="80% of the RAM on a CPU, 90% of the GPU's memory on CUDA",
         help="Memory the sweep may hold (8GiB, 512MiB, 2.5GB or bytes; > 0): what does not "
         "fit streams (features first, then labels read per batch); a sweep that cannot fit "
-        "is refused before it starts, naming what to reduce (see --dry-run).",
+        "is refused before it starts, naming what to reduce (see --dry-run). On a CPU the "
+        "torchrun processes of one machine share it.",
     )
 
     def __post_init__(self) -> None:
