@@ -77,3 +77,16 @@ def user_arrays(tmp_path: Path, n_train=300, n_test=120, dim=24, classes=6, seed
         np.save(paths[f"{split}-features"], feats)
         np.save(paths[f"{split}-labels"], labels)
     return paths
+
+
+def import_user_arrays(runner: CliRunner, tmp_path: Path, **shape) -> Path:
+    """`spl import-features` of :func:`user_arrays` (``shape``: its sizes) with class
+    names c0, c1, ...; returns the prepared dataset's folder."""
+    paths = user_arrays(tmp_path, **shape)
+    classes = shape.get("classes", 6)
+    (tmp_path / "names.txt").write_text("\n".join(f"c{i}" for i in range(classes)))
+    args = ["import-features", tmp_path / "ds" / "mine"]
+    for key, path in paths.items():
+        args += [f"--{key}", path]
+    invoke(runner, [*args, "--classes", tmp_path / "names.txt"])
+    return tmp_path / "ds" / "mine"

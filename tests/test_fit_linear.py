@@ -15,20 +15,14 @@ from spl.evaluate.selection import select_best
 from spl.extract.features import feature_path, load_features, write_features
 from spl.runs import read_csv
 
-from conftest import invoke, kill_when_file_appears, user_arrays
+from conftest import import_user_arrays, invoke, kill_when_file_appears, user_arrays
 
 _arrays = user_arrays  # (other test modules import it under this name)
 
 
 @pytest.fixture
 def imported(tmp_path, runner):
-    paths = _arrays(tmp_path)
-    (tmp_path / "names.txt").write_text("\n".join(f"c{i}" for i in range(6)))
-    args = ["import-features", tmp_path / "ds" / "mine"]
-    for key, path in paths.items():
-        args += [f"--{key}", path]
-    invoke(runner, [*args, "--classes", tmp_path / "names.txt"])
-    return tmp_path / "ds" / "mine"
+    return import_user_arrays(runner, tmp_path)
 
 
 def _fit(runner, dataset, out, *extra, ok=True):

@@ -26,7 +26,7 @@ from spl.memory_plan import HEAD_COPIES, parse_size
 from spl.runs import read_csv
 from spl.settings import LinearSettings
 
-from conftest import invoke, kill_when_file_appears, user_arrays
+from conftest import import_user_arrays, invoke, kill_when_file_appears
 
 GRID = ["--epochs", 2, "--lrs", "1e-2", "--batch-sizes", "8,16", "--quiet"]
 # a loss on each of the engine's routes: label-only weights (an, epr's weights...), fused
@@ -34,21 +34,10 @@ GRID = ["--epochs", 2, "--lrs", "1e-2", "--batch-sizes", "8,16", "--quiet"]
 LOSSES = ["--losses", "an,role,epr,ll_r,iun"]
 
 
-def _arrays(tmp_path):
-    return user_arrays(tmp_path, n_train=120, n_test=60, dim=10, classes=5)
-
-
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    runner = CliRunner()
-    tmp_path = tmp_path_factory.mktemp("imported")
-    paths = _arrays(tmp_path)
-    (tmp_path / "names.txt").write_text("\n".join(f"c{i}" for i in range(5)))
-    args = ["import-features", tmp_path / "ds" / "mine"]
-    for key, path in paths.items():
-        args += [f"--{key}", path]
-    invoke(runner, [*args, "--classes", tmp_path / "names.txt"])
-    return tmp_path / "ds" / "mine"
+    return import_user_arrays(CliRunner(), tmp_path_factory.mktemp("imported"),
+                              n_train=120, n_test=60, dim=10, classes=5)  # fmt: skip
 
 
 def _fit(runner, dataset, out, tag, *extra, ok=True):
